@@ -1,0 +1,133 @@
+"""Loading and saving weights safely (baselines spec §7.10, the normative loader).
+
+Only ``torch.load(..., weights_only=True)`` or safetensors: a pickle with executable content is
+refused, never run. Writes go to a temporary file first and are renamed into place, so a kill or
+a full disk never leaves a truncated file where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from kdistill.utils import ConfigError
+
+
+class CheckpointError(ConfigError):
+    """A weights file that cannot be used: unreadable, unsafe, or not matching the model."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """The tensors of a safetensors or PyTorch file (a training checkpoint, a shared CIFAR
+    teacher ``{"model": ...}``, or a bare state dict), ``module.`` prefixes stripped."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        try:
+            state: Any = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({exc})") from exc
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(
+                f"refused to load {str(path)!r}: it holds objects other than tensors and plain containers, "
+                "and unpickling them could run code. Re-save its state_dict, or convert it to safetensors. "
+                f"(detail: {str(exc).splitlines()[0]})"
+            ) from exc
+        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise CheckpointError(f"{str(path)!r} is truncated or not a PyTorch weights file ({exc})") from exc
+    if isinstance(state, Mapping):
+        for key in ("model", "state_dict", "student", "net"):
+            if key in state and isinstance(state[key], Mapping):
+                state = state[key]
+                break
+    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise CheckpointError(f"{str(path)!r} does not contain a state dict of tensors")
+    return {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}
+
+
+def load_weights(model: nn.Module, path: str | Path, prefix: str = "") -> nn.Module:
+    """Load weights into ``model`` with strict key and shape checks.
+
+    ``prefix`` selects a sub-tree (``"student."`` inside a training checkpoint). BatchNorm
+    ``num_batches_tracked`` entries missing from old checkpoints are filled with 0. The error lists
+    missing, unexpected and shape-mismatched keys.
+    """
+    state = read_state_dict(path)
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    own = model.state_dict()
+    for key in own:
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = torch.zeros((), dtype=torch.long)
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        name = getattr(model, "kdistill_name", type(model).__name__)
+        lines = [f"weights in {str(path)!r} do not match model {name!r}:"]
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if items:
+                shown = items[:8] + ([f"... ({len(items) - 8} more)"] if len(items) > 8 else [])
+                lines.append(f"  {label} ({len(items)}): " + "; ".join(shown))
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def atomic_write(path: str | Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``; on failure the old file is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_student(model: nn.Module, path: str | Path, card: Mapping[str, Any]) -> Path:
+    """Write the student's weights as safetensors and a JSON card (``<path>.json``) beside them."""
+    path = Path(path)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"kdistill_card": json.dumps(dict(card), default=str)}
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    card_path = path.with_suffix(".json")
+    atomic_write(card_path, lambda tmp: Path(tmp).write_text(json.dumps(dict(card), indent=2, default=str)))
+    return path
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    """The card stored with a student export (from the JSON beside it, or the safetensors header)."""
+    path = Path(path)
+    card_path = path.with_suffix(".json")
+    if card_path.is_file():
+        return json.loads(card_path.read_text())
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata() or {}
+    if "kdistill_card" not in meta:
+        raise CheckpointError(f"{str(path)!r} has no kdistill card")
+    return json.loads(meta["kdistill_card"])

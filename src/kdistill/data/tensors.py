@@ -1,0 +1,166 @@
+"""Small images held in memory as one uint8 tensor, batched without per-image transforms.
+
+Decoding happens once; a batch is a single index operation, and augmentation (pad-4 random crop,
+horizontal flip) runs on whole batches on the training device (``BatchAugment``). 32×32 data
+therefore needs no worker processes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class ImageTensors:
+    """``images`` uint8 N×C×H×W, ``targets`` int64 N; ``index`` of a sample is its row."""
+
+    images: Tensor
+    targets: Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(f"images must be uint8 N×C×H×W, got {self.images.dtype} {tuple(self.images.shape)}")
+        if len(self.images) != len(self.targets):
+            raise ValueError(f"{len(self.images)} images but {len(self.targets)} targets")
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, indices: Sequence[int] | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.images[idx], self.targets[idx], idx
+
+    def subset_per_class(self, per_class: int, seed: int = 0) -> ImageTensors:
+        """A class-balanced subset: ``per_class`` samples of every class, chosen by ``seed``."""
+        g = torch.Generator().manual_seed(seed)
+        keep = []
+        for c in torch.unique(self.targets).tolist():
+            rows = torch.nonzero(self.targets == c).flatten()
+            if len(rows) < per_class:
+                raise ValueError(f"class {c} has {len(rows)} samples, fewer than per_class={per_class}")
+            keep.append(rows[torch.randperm(len(rows), generator=g)[:per_class]])
+        rows = torch.cat(keep).sort().values
+        return ImageTensors(self.images[rows].clone(), self.targets[rows].clone())
+
+    def channel_stats(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and standard deviation of the images scaled to [0, 1]."""
+        x = self.images.to(torch.float64).div_(255).transpose(0, 1).reshape(self.images.shape[1], -1)
+        return x.mean(1).tolist(), x.std(1).tolist()
+
+
+class BatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Shuffled (or ordered) index batches, sharded across ``world_size`` processes.
+
+    Each rank gets the same number of batches; ``set_epoch`` reseeds the shuffle (Lightning calls it).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        shuffle: bool,
+        drop_last: bool,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.size, self.batch_size, self.shuffle, self.drop_last = size, batch_size, shuffle, drop_last
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _per_rank(self) -> int:
+        if self.drop_last:
+            return self.size // self.world_size
+        return math.ceil(self.size / self.world_size)
+
+    def __len__(self) -> int:
+        n = self._per_rank()
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=g)
+        else:
+            order = torch.arange(self.size)
+        n = self._per_rank()
+        total = n * self.world_size
+        if total > self.size:  # pad by wrapping so every rank has n samples
+            order = torch.cat([order, order[: total - self.size]])
+        mine = order[:total][self.rank :: self.world_size]
+        for start in range(0, n, self.batch_size):
+            chunk = mine[start : start + self.batch_size]
+            if self.drop_last and len(chunk) < self.batch_size:
+                break
+            yield chunk.tolist()
+
+
+def make_loader(
+    data: ImageTensors,
+    batch_size: int,
+    train: bool,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader yielding ``(uint8 images, targets, indices)`` batches from ``data``."""
+    sampler = BatchSampler(len(data), batch_size, shuffle=train, drop_last=train and len(data) >= batch_size,
+                           seed=seed, rank=rank, world_size=world_size)
+    return torch.utils.data.DataLoader(data, batch_size=None, sampler=sampler, num_workers=num_workers)
+
+
+class BatchAugment(nn.Module):
+    """uint8 batch → float, pad-``padding`` random crop + horizontal flip (train), normalise.
+
+    Crop offsets and flips are drawn per sample from ``generator`` (or the global RNG), so a run
+    is reproducible from its seed. ``augment=False`` only converts and normalises.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], padding: int = 4, flip: bool = True):
+        super().__init__()
+        self.padding, self.flip = padding, flip
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def sample_params(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> Tensor:
+        """Per-sample (dy, dx, flip) as an n×3 int tensor; dy, dx in [0, 2·padding]."""
+        hi = 2 * self.padding + 1
+        offsets = torch.randint(0, hi, (n, 2), generator=generator, device="cpu")
+        flips = torch.randint(0, 2 if self.flip else 1, (n, 1), generator=generator, device="cpu")
+        return torch.cat([offsets, flips], 1).to(device)
+
+    def apply(self, images: Tensor, params: Tensor) -> Tensor:
+        """Crop and flip a uint8 or float batch with explicit per-sample ``params``."""
+        n, c, h, w = images.shape
+        p = self.padding
+        if p:
+            padded = torch.nn.functional.pad(images, (p, p, p, p))
+            rows = (params[:, 0].view(n, 1) + torch.arange(h, device=images.device).view(1, h))  # n×h
+            cols = (params[:, 1].view(n, 1) + torch.arange(w, device=images.device).view(1, w))  # n×w
+            flip = params[:, 2].bool().view(n, 1)
+            cols = torch.where(flip, cols.flip(1), cols)
+            idx_r = rows.view(n, 1, h, 1).expand(n, c, h, w + 2 * p)
+            out = padded.gather(2, idx_r)
+            idx_c = cols.view(n, 1, 1, w).expand(n, c, h, w)
+            return out.gather(3, idx_c)
+        flip = params[:, 2].bool()
+        out = images.clone()
+        out[flip] = images[flip].flip(3)
+        return out
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 → float in [0, 1] → (x - mean) / std."""
+        return (images.float().div_(255) - self.mean) / self.std
+
+    def forward(self, images: Tensor, train: bool, generator: torch.Generator | None = None) -> Tensor:
+        if train and (self.padding or self.flip):
+            images = self.apply(images, self.sample_params(len(images), images.device, generator))
+        return self.normalize(images)

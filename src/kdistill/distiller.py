@@ -1,0 +1,101 @@
+"""One training step's forward: student with taps, chosen teachers frozen, then the method.
+
+Teachers are kept in eval mode whatever ``train()`` is called, run under inference mode, never
+receive gradients and are excluded from ``trainable_parameters``; each may have its own input
+normalisation (``Normalization``), applied to the student-normalised batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from kdistill.features import FeatureRecorder
+from kdistill.methods.base import Batch, Method, ModelOutput, StepInfo
+
+
+class Renormalize(nn.Module):
+    """Map images normalised with (mean_s, std_s) to a teacher's (mean_t, std_t)."""
+
+    def __init__(self, src_mean: Sequence[float], src_std: Sequence[float], mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        s_m, s_s, t_m, t_s = (torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1) for v in (src_mean, src_std, mean, std))
+        self.register_buffer("scale", s_s / t_s, persistent=False)
+        self.register_buffer("shift", (s_m - t_m) / t_s, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.scale + self.shift
+
+
+class Distiller(nn.Module):
+    """Student + frozen teachers + method. ``forward_train`` returns ``(logits, losses)``."""
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teachers: Sequence[nn.Module],
+        method: Method,
+        teacher_inputs: Sequence[nn.Module | None] | None = None,
+    ):
+        super().__init__()
+        self.student = student
+        self.teachers = nn.ModuleList(teachers)
+        self.method = method
+        self.teacher_inputs = nn.ModuleList([m or nn.Identity() for m in (teacher_inputs or [None] * len(teachers))])
+        for teacher in self.teachers:
+            teacher.requires_grad_(False)
+            teacher.eval()
+        self._student_taps = method.student_taps(student)
+        self._teacher_taps = [method.teacher_taps(t) for t in self.teachers]
+
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        for teacher in self.teachers:
+            teacher.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Student and method parameters: what the optimizer updates (never a teacher's)."""
+        return [p for p in (*self.student.parameters(), *self.method.parameters()) if p.requires_grad]
+
+    @torch.inference_mode()
+    def teacher_forward(self, index: int, images: Tensor) -> ModelOutput:
+        """One inference pass of teacher ``index`` with its taps (features detached)."""
+        teacher = self.teachers[index]
+        x = self.teacher_inputs[index](images)
+        taps = self._teacher_taps[index]
+        if not taps:
+            return ModelOutput(teacher(x))
+        with FeatureRecorder(teacher, taps, detach=True) as rec:
+            logits = teacher(x)
+        return ModelOutput(logits, rec.features)
+
+    def student_forward(self, images: Tensor) -> ModelOutput:
+        """Student forward, recording the method's student features (with gradients)."""
+        if not self._student_taps:
+            return ModelOutput(self.student(images))
+        with FeatureRecorder(self.student, self._student_taps) as rec:
+            logits = self.student(images)
+        return ModelOutput(logits, rec.features)
+
+    def forward_train(
+        self, batch: Batch, info: StepInfo, teacher_outputs: Sequence[ModelOutput] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Run the step; ``teacher_outputs`` (from a cache) replaces the teacher passes when given."""
+        if teacher_outputs is None:
+            selected = self.method.select_teachers(info)
+            teacher_outputs = [self._clone_out(self.teacher_forward(i, batch.images)) for i in selected]
+        student = self.student_forward(batch.images)
+        losses = self.method(batch, student, teacher_outputs, info)
+        return student.logits, losses
+
+    @staticmethod
+    def _clone_out(out: ModelOutput) -> ModelOutput:
+        # inference-mode tensors cannot enter autograd graphs; a plain view-free copy can
+        return ModelOutput(out.logits.clone(), {k: v.clone() for k, v in out.features.items()})
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Inference: the student alone."""
+        return self.student(images)

@@ -1,0 +1,174 @@
+"""The method interface (mdistiller style: one small class per method, one file each).
+
+A ``Method`` owns only what it trains (adapters, ABFs, discriminators). The ``Distiller`` runs
+the student with taps, the chosen teachers in eval and inference mode with taps, and calls the
+method, which returns a dict of *weighted* named losses; the engine sums and logs the dict.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from kdistill.features import probe_shapes, stage_taps
+from kdistill.utils import ConfigError, unknown_name_error
+
+
+@dataclass
+class Batch:
+    """One training batch: images normalised for the student, targets, dataset indices."""
+
+    images: Tensor
+    targets: Tensor
+    index: Tensor | None = None
+
+
+@dataclass
+class ModelOutput:
+    """Logits and the tapped features (keyed as in the method's ``*_features``) of one model."""
+
+    logits: Tensor
+    features: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class StepInfo:
+    """Where training is: 0-indexed ``epoch`` and global ``step``, and the epoch budget."""
+
+    epoch: int = 0
+    step: int = 0
+    max_epochs: int = 1
+
+
+class Method(nn.Module):
+    """Base class of all distillation methods.
+
+    Subclasses set, in ``__init__``, which features they need by stage-preset key
+    (``"stem"``, ``"stage1"``..., ``"pooled"``) or by custom key given through ``*_taps``:
+
+    * ``self.student_features`` / ``self.teacher_features``: keys to record;
+    * ``self.student_preact`` / ``self.teacher_preact``: pre-ReLU variants of the presets.
+
+    and implement ``forward(batch, student, teachers, info) -> dict[str, Tensor]``.
+    """
+
+    name: ClassVar[str] = ""
+    uses_teacher_logits: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teachers: Sequence[nn.Module],
+        input_size: tuple[int, int, int] = (3, 32, 32),
+        student_taps: dict[str, str] | None = None,
+        teacher_taps: dict[str, str] | None = None,
+    ):
+        super().__init__()
+        self.input_size = tuple(input_size)
+        self.num_teachers = len(teachers)
+        self.student_features: list[str] = []
+        self.teacher_features: list[str] = []
+        self.student_preact = False
+        self.teacher_preact = False
+        self._student_taps_override = dict(student_taps or {})
+        self._teacher_taps_override = dict(teacher_taps or {})
+
+    # --- features ---------------------------------------------------------------------------
+    def _taps_for(self, model: nn.Module, keys: Sequence[str], preact: bool, override: dict[str, str]) -> dict[str, str]:
+        if not keys:
+            return {}
+        preset: dict[str, str] = {}
+        if any(k not in override for k in keys):
+            try:
+                preset = dict(stage_taps(model, preact))
+            except ConfigError:
+                if not override:
+                    raise
+        merged = {**preset, **override}
+        missing = [k for k in keys if k not in merged]
+        if missing:
+            raise ConfigError(f"{self.name}: features {missing} not available; known: {sorted(merged)}")
+        return {k: merged[k] for k in keys}
+
+    def student_taps(self, student: nn.Module) -> dict[str, str]:
+        """Tap specs the student is recorded with."""
+        return self._taps_for(student, self.student_features, self.student_preact, self._student_taps_override)
+
+    def teacher_taps(self, teacher: nn.Module) -> dict[str, str]:
+        """Tap specs each teacher is recorded with."""
+        return self._taps_for(teacher, self.teacher_features, self.teacher_preact, self._teacher_taps_override)
+
+    def probe(self, model: nn.Module, keys: Sequence[str], preact: bool, teacher: bool) -> dict[str, torch.Size]:
+        """Shapes of ``keys`` on ``model`` from a dry run (to size adapters and fusion modules)."""
+        override = self._teacher_taps_override if teacher else self._student_taps_override
+        return probe_shapes(model, self._taps_for(model, keys, preact, override), self.input_size)
+
+    # --- training ---------------------------------------------------------------------------
+    def select_teachers(self, info: StepInfo) -> list[int]:
+        """Indices of the teachers to run this step (all by default; MEAL v1 picks one)."""
+        return list(range(self.num_teachers))
+
+    def forward(
+        self, batch: Batch, student: ModelOutput, teachers: Sequence[ModelOutput], info: StepInfo
+    ) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+
+MethodFactory = Callable[..., Method]
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` buildable by ``build_method(cls.name, ...)``."""
+    if not cls.name or cls.name in _METHODS:
+        raise RuntimeError(f"method name {cls.name!r} missing or registered twice")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def list_methods() -> list[str]:
+    """Names of all registered methods."""
+    return sorted(_METHODS)
+
+
+def method_class(name: str) -> type[Method]:
+    """The class registered under ``name``; a ConfigError lists the allowed names."""
+    if name not in _METHODS:
+        raise unknown_name_error("method", name, _METHODS)
+    return _METHODS[name]
+
+
+def method_options(name: str) -> dict[str, Any]:
+    """The keyword options of a method and their defaults (used to validate recipes)."""
+    sig = inspect.signature(method_class(name).__init__)
+    skip = {"self", "student", "teachers", "input_size", "student_taps", "teacher_taps"}
+    return {
+        p.name: (None if p.default is inspect.Parameter.empty else p.default)
+        for p in sig.parameters.values()
+        if p.name not in skip and p.kind is p.KEYWORD_ONLY
+    }
+
+
+def build_method(
+    name: str, student: nn.Module, teachers: Sequence[nn.Module] = (), **options: Any
+) -> Method:
+    """Build a method by name, e.g. ``build_method("kd", student=s, teachers=[t], temperature=4)``."""
+    cls = method_class(name)
+    allowed = method_options(name)
+    common = {"input_size", "student_taps", "teacher_taps"}
+    for key in options:
+        if key not in allowed and key not in common:
+            raise unknown_name_error(f"option of method {name!r}", key, [*allowed, *common])
+    return cls(student, list(teachers), **options)
+
+
+def check_weight(name: str, value: float) -> float:
+    """Loss weights and temperatures must be finite and non-negative."""
+    if not (value >= 0 and value != float("inf")):
+        raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+    return float(value)
