@@ -49,7 +49,7 @@ class CifarResNet(nn.Module):
         self.layer1 = self._make_layer(num_filters[1], n, 1)
         self.layer2 = self._make_layer(num_filters[2], n, 2)
         self.layer3 = self._make_layer(num_filters[3], n, 2)
-        self.avgpool = nn.AvgPool2d(8)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)  # = AvgPool 8 at 32×32; also works on other sizes
         self.fc = nn.Linear(num_filters[3], num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
