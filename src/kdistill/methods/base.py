@@ -103,6 +103,18 @@ class Method(nn.Module):
         """Tap specs each teacher is recorded with."""
         return self._taps_for(teacher, self.teacher_features, self.teacher_preact, self._teacher_taps_override)
 
+    def available_stages(self, model: nn.Module, teacher: bool, preact: bool = False) -> list[str]:
+        """The ``stageK`` keys ``model`` offers (its preset merged with the ``*_taps`` override), shallow to deep."""
+        override = self._teacher_taps_override if teacher else self._student_taps_override
+        try:
+            preset = dict(stage_taps(model, preact))
+        except ConfigError:
+            if not override:
+                raise
+            preset = {}
+        keys = [k for k in {**preset, **override} if k.startswith("stage")]
+        return sorted(keys, key=lambda k: (0, int(k[5:])) if k[5:].isdigit() else (1, k))
+
     def probe(self, model: nn.Module, keys: Sequence[str], preact: bool, teacher: bool) -> dict[str, torch.Size]:
         """Shapes of ``keys`` on ``model`` from a dry run (to size adapters and fusion modules)."""
         override = self._teacher_taps_override if teacher else self._student_taps_override
