@@ -1,5 +1,21 @@
 """Loss functions usable in anyone's own training loop (each documented with its formula)."""
 
+from kdistill.losses.at import at_loss
+from kdistill.losses.dkd import dkd_loss
+from kdistill.losses.fitnet import fitnet_loss
 from kdistill.losses.kd import kd_loss
+from kdistill.losses.nst import nst_loss
+from kdistill.losses.pkt import pkt_loss
+from kdistill.losses.rkd import rkd_loss
+from kdistill.losses.sp import sp_loss
 
-__all__ = ["kd_loss"]
+__all__ = [
+    "at_loss",
+    "dkd_loss",
+    "fitnet_loss",
+    "kd_loss",
+    "nst_loss",
+    "pkt_loss",
+    "rkd_loss",
+    "sp_loss",
+]
