@@ -1,0 +1,59 @@
+"""AT (attention transfer): CE + β·Σ_stages at_loss, baselines spec §2.3."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdistill.losses import at_loss
+from kdistill.methods.base import Batch, Method, ModelOutput, StepInfo, check_weight, register_method
+from kdistill.utils import ConfigError
+
+
+@register_method
+class AT(Method):
+    """All post-ReLU stage outputs (``feat[1:-1]``), paired shallow to deep; β=1000, p=2."""
+
+    name = "at"
+    uses_teacher_logits = False
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teachers: Sequence[nn.Module],
+        *,
+        ce_weight: float = 1.0,
+        feat_weight: float = 1000.0,
+        p: float = 2.0,
+        **common,
+    ):
+        super().__init__(student, teachers, **common)
+        if len(teachers) != 1:
+            raise ConfigError(f"at needs exactly one teacher, got {len(teachers)}")
+        if not p > 0:
+            raise ConfigError(f"p must be > 0, got {p}")
+        self.ce_weight = check_weight("ce_weight", ce_weight)
+        self.feat_weight = check_weight("feat_weight", feat_weight)
+        self.p = float(p)
+        self.student_features = self.available_stages(student, teacher=False)
+        self.teacher_features = self.available_stages(teachers[0], teacher=True)
+        if not self.student_features or len(self.student_features) != len(self.teacher_features):
+            raise ConfigError(
+                f"at pairs stages one to one, but the student has {self.student_features} and the teacher "
+                f"{self.teacher_features}; give matching student_taps/teacher_taps"
+            )
+
+    def forward(
+        self, batch: Batch, student: ModelOutput, teachers: Sequence[ModelOutput], info: StepInfo
+    ) -> dict[str, Tensor]:
+        s_feats, t_feats = student.features, teachers[0].features
+        loss = sum(
+            at_loss(s_feats[s], t_feats[t], self.p)
+            for s, t in zip(self.student_features, self.teacher_features, strict=True)
+        )
+        return {
+            "ce": self.ce_weight * F.cross_entropy(student.logits, batch.targets),
+            "at": self.feat_weight * loss,
+        }
