@@ -7,7 +7,7 @@ normalisation (``Normalization``), applied to the student-normalised batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -57,8 +57,14 @@ class Distiller(nn.Module):
         return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Student and method parameters: what the optimizer updates (never a teacher's)."""
-        return [p for p in (*self.student.parameters(), *self.method.parameters()) if p.requires_grad]
+        """Student and method parameters: what the optimizer updates (never a teacher's).
+
+        The method's ``own_parameters()`` (e.g. MEAL's discriminators) are left out: they have their
+        own optimizer (``Method.configure_own_optimizer``).
+        """
+        own = {id(p) for p in self.method.own_parameters()}
+        params = (*self.student.parameters(), *self.method.parameters())
+        return [p for p in params if p.requires_grad and id(p) not in own]
 
     @torch.inference_mode()
     def teacher_forward(self, index: int, images: Tensor) -> ModelOutput:
@@ -81,13 +87,27 @@ class Distiller(nn.Module):
         return ModelOutput(logits, rec.features)
 
     def forward_train(
-        self, batch: Batch, info: StepInfo, teacher_outputs: Sequence[ModelOutput] | None = None
+        self,
+        batch: Batch,
+        info: StepInfo,
+        teacher_outputs: Sequence[ModelOutput] | None = None,
+        own_step: Callable[[dict[str, Tensor]], None] | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Run the step; ``teacher_outputs`` (from a cache) replaces the teacher passes when given."""
+        """Run the step; ``teacher_outputs`` (from a cache) replaces the teacher passes when given.
+
+        ``own_step`` (e.g. ``OwnOptimizerStep.separate_step``) receives the method's
+        ``own_step_losses`` on the detached student outputs, when the method asks for a separate
+        step, before the method's losses are computed (the own optimizer protocol in ``Method``).
+        """
         if teacher_outputs is None:
             selected = self.method.select_teachers(info)
             teacher_outputs = [self._clone_out(self.teacher_forward(i, batch.images)) for i in selected]
         student = self.student_forward(batch.images)
+        if own_step is not None:
+            detached = ModelOutput(student.logits.detach(), {k: v.detach() for k, v in student.features.items()})
+            own_losses = self.method.own_step_losses(batch, detached, teacher_outputs, info)
+            if own_losses is not None:
+                own_step(own_losses)
         losses = self.method(batch, student, teacher_outputs, info)
         return student.logits, losses
 

@@ -55,6 +55,26 @@ class Method(nn.Module):
     * ``self.student_preact`` / ``self.teacher_preact``: pre-ReLU variants of the presets.
 
     and implement ``forward(batch, student, teachers, info) -> dict[str, Tensor]``.
+
+    **Own optimizer protocol** (for modules that must not follow the student's optimizer, such as
+    MEAL's discriminators; every method that does not override it trains everything with the student):
+
+    * ``own_parameters()``: parameters excluded from the main optimizer (``Distiller.trainable_parameters``
+      leaves them out); default none.
+    * ``configure_own_optimizer()``: the optimizer over exactly those parameters (built once per run by
+      whoever drives training); default ``None``.
+    * ``own_lr(main_lr, main_base_lr)``: the learning rate for every group of the own optimizer given
+      the main optimizer's current and initial lr; called before each step; ``None`` leaves it alone.
+      The student's schedule never writes the own optimizer's lr; only this hook does.
+    * ``own_step_losses(batch, student, teachers, info)``: with ``student`` detached; a dict of losses
+      means "separate step": the driver minimises their sum with the own optimizer *before* the method's
+      ``forward`` (so the main losses see the updated modules). ``None`` (default) means "joint step":
+      the own optimizer steps on the gradients the main loss's backward left on its parameters, right
+      when the main optimizer steps. Either way the driver zeroes the own gradients after its step.
+
+    ``kdistill.methods.adversarial.OwnOptimizerStep`` implements the driver side and ``train_step``
+    is the framework-free reference loop; ``Distiller.forward_train(..., own_step=...)`` runs the
+    separate step between the student forward and the method.
     """
 
     name: ClassVar[str] = ""
@@ -124,6 +144,25 @@ class Method(nn.Module):
     def select_teachers(self, info: StepInfo) -> list[int]:
         """Indices of the teachers to run this step (all by default; MEAL v1 picks one)."""
         return list(range(self.num_teachers))
+
+    # --- own optimizer protocol (see the class docstring) -------------------------------------
+    def own_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained by ``configure_own_optimizer`` instead of the main optimizer."""
+        return []
+
+    def configure_own_optimizer(self) -> torch.optim.Optimizer | None:
+        """A new optimizer over ``own_parameters()``, or ``None`` when there are none."""
+        return None
+
+    def own_lr(self, main_lr: float, main_base_lr: float) -> float | None:
+        """The own optimizer's learning rate now, given the main optimizer's current and initial lr."""
+        return None
+
+    def own_step_losses(
+        self, batch: Batch, student: ModelOutput, teachers: Sequence[ModelOutput], info: StepInfo
+    ) -> dict[str, Tensor] | None:
+        """Losses of a separate own step before the student step (``student`` detached), or ``None``."""
+        return None
 
     def forward(
         self, batch: Batch, student: ModelOutput, teachers: Sequence[ModelOutput], info: StepInfo
