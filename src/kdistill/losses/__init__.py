@@ -1,6 +1,7 @@
 """Loss functions usable in anyone's own training loop (each documented with its formula)."""
 
 from kdistill.losses.at import at_loss
+from kdistill.losses.crd import ContrastMemory, CRDLoss, crd_nce_loss
 from kdistill.losses.dkd import dkd_loss
 from kdistill.losses.fitnet import fitnet_loss
 from kdistill.losses.hcl import hcl_loss
@@ -9,8 +10,13 @@ from kdistill.losses.nst import nst_loss
 from kdistill.losses.pkt import pkt_loss
 from kdistill.losses.rkd import rkd_loss
 from kdistill.losses.sp import sp_loss
+from kdistill.losses.vid import VIDLoss
 
 __all__ = [
+    "CRDLoss",
+    "ContrastMemory",
+    "VIDLoss",
+    "crd_nce_loss",
     "at_loss",
     "dkd_loss",
     "fitnet_loss",
