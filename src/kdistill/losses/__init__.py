@@ -6,6 +6,7 @@ from kdistill.losses.dkd import dkd_loss
 from kdistill.losses.fitnet import fitnet_loss
 from kdistill.losses.hcl import hcl_loss
 from kdistill.losses.kd import kd_loss
+from kdistill.losses.meal import discriminator_loss, fooling_loss, meal_align, similarity_loss, soft_cross_entropy
 from kdistill.losses.nst import nst_loss
 from kdistill.losses.pkt import pkt_loss
 from kdistill.losses.rkd import rkd_loss
@@ -22,6 +23,11 @@ __all__ = [
     "fitnet_loss",
     "hcl_loss",
     "kd_loss",
+    "discriminator_loss",
+    "fooling_loss",
+    "meal_align",
+    "similarity_loss",
+    "soft_cross_entropy",
     "nst_loss",
     "pkt_loss",
     "rkd_loss",
