@@ -85,20 +85,21 @@ class FeatureRecorder:
                     raise unknown_name_error(f"module for tap {key!r}", part.module, available_taps(model))
         self._modules = modules
 
-    def _hook(self, name: str, use_input: bool):
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            value = args[0] if use_input else output
-            if not isinstance(value, Tensor):
-                raise TypeError(f"tap {name!r}: module {'input' if use_input else 'output'} is not a tensor")
-            value = value.detach() if self.detach else value
-            self._captures[(name, use_input)] = value.clone()
-
-        return hook
+    def _store(self, name: str, use_input: bool, value: object) -> None:
+        if not isinstance(value, Tensor):
+            raise TypeError(f"tap {name!r}: module {'input' if use_input else 'output'} is not a tensor")
+        value = value.detach() if self.detach else value
+        self._captures[(name, use_input)] = value.clone()
 
     def __enter__(self) -> FeatureRecorder:
         wanted = {(p.module, p.use_input) for spec in self.specs.values() for p in spec.parts}
         for name, use_input in sorted(wanted):
-            self._handles.append(self._modules[name].register_forward_hook(self._hook(name, use_input)))
+            module = self._modules[name]
+            if use_input:  # a pre-hook: an in-place module would overwrite its input before a forward hook
+                hook = module.register_forward_pre_hook(lambda m, args, n=name: self._store(n, True, args[0]))
+            else:
+                hook = module.register_forward_hook(lambda m, args, out, n=name: self._store(n, False, out))
+            self._handles.append(hook)
         return self
 
     def __exit__(self, *exc: object) -> None:

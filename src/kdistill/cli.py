@@ -1,0 +1,178 @@
+"""The ``kdistill`` command: train, distill, eval, export, recipes, demo.
+
+Every training command takes a YAML recipe (a path or a name under ``recipes/``) plus
+``key=value`` overrides; ``--print-config`` shows the resolved config. Configuration mistakes
+exit with code 2 and a message naming the key and the allowed values, before any training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+from kdistill.checkpoint import CheckpointError
+from kdistill.utils import ConfigError
+
+EXIT_CONFIG = 2
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", nargs="?", help="recipe file or name under recipes/ (optional)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.05 data.batch_size=64")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--resume", action="store_true", help="continue from <output>/checkpoints/last.ckpt")
+
+
+def _split_recipe(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and "=" in recipe:
+        overrides.insert(0, recipe)
+        recipe = None
+    return recipe, overrides
+
+
+def _resolve(args: argparse.Namespace, command: str):
+    from kdistill.config import build_config
+
+    recipe, overrides = _split_recipe(args)
+    base = {"output": f"runs/{command}"}
+    if command == "train":
+        cfg = build_config(recipe, overrides, base=base)
+        if cfg.method.name != "ce":
+            raise ConfigError(f"kdistill train trains without teachers (method ce); use kdistill distill for "
+                              f"method {cfg.method.name!r}")
+        cfg.teachers = []
+        return cfg
+    cfg = build_config(recipe, overrides, base=base)
+    if command == "distill" and not cfg.teachers and cfg.method.name != "ce":
+        raise ConfigError("kdistill distill needs at least one teacher: set teachers (or teacher.model=... "
+                          "teacher.checkpoint=...)")
+    return cfg
+
+
+def _print_result(result) -> None:
+    print(f"top-1 (last epoch): {result.top1_last:.2f}%   best: {result.top1_best:.2f}%   "
+          f"top-5: {result.top5_last:.2f}%   train images/s: {result.images_per_s:.0f}   "
+          f"time: {result.seconds:.0f}s")
+    print(f"student exported to {result.export}")
+
+
+def cmd_fit(args: argparse.Namespace, command: str) -> int:
+    cfg = _resolve(args, command)
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    from kdistill.engine.build import build_run
+    from kdistill.engine.run import fit
+
+    built = build_run(cfg)  # every name, file and shape is checked before training starts
+    _print_result(fit(cfg, resume=args.resume, built=built))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kdistill.config import build_config
+    from kdistill.engine.run import evaluate
+
+    cfg = build_config(args.recipe, args.overrides) if (args.recipe or args.overrides) else None
+    metrics = evaluate(args.checkpoint, cfg)
+    print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from kdistill.engine.run import export
+
+    for path in export(args.checkpoint, args.out, onnx=args.onnx):
+        print(f"wrote {path}")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from kdistill.config import recipes_dir
+
+    root = recipes_dir()
+    rows = []
+    for path in sorted(root.rglob("*.yaml")):
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+            desc = raw.get("description", "") if isinstance(raw, dict) else ""
+        except yaml.YAMLError:
+            desc = "(unreadable YAML)"
+        rows.append((str(path.relative_to(root).with_suffix("")), desc))
+    if args.filter:
+        rows = [r for r in rows if args.filter in r[0]]
+    width = max((len(r[0]) for r in rows), default=10)
+    for name, desc in rows:
+        print(f"{name:<{width}}  {desc}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kdistill.demo import run_demo
+
+    run_demo(data_root=args.data, output=args.output, quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdistill", description="Knowledge distillation for PyTorch.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a teacher or a plain student (cross-entropy)")
+    _add_recipe_args(p)
+    p = sub.add_parser("distill", help="distill a student from teacher checkpoints with a named method")
+    _add_recipe_args(p)
+    p = sub.add_parser("eval", help="evaluate a run folder, an export or a checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("recipe", nargs="?", help="recipe for the data (default: the run's own)")
+    p.add_argument("overrides", nargs="*")
+    p = sub.add_parser("export", help="export the student to safetensors (+ card) and optionally ONNX")
+    p.add_argument("checkpoint", help="run folder, student .safetensors or .ckpt")
+    p.add_argument("--out", required=True, help="output path, e.g. student.safetensors")
+    p.add_argument("--onnx", action="store_true", help="also write <out>.onnx")
+    p = sub.add_parser("recipes", help="list the YAML recipes with their descriptions")
+    p.add_argument("filter", nargs="?", help="only names containing this text")
+    p = sub.add_parser("demo", help="teacher, plain student and KD student on synthetic (or your) data")
+    p.add_argument("--data", help="an image folder with train/ and val/ (default: built-in synthetic data)")
+    p.add_argument("--output", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="a much shorter run (for tests)")
+    return parser
+
+
+def quiet_lightning(verbose: bool) -> None:
+    """Keep Lightning's banner lines and known-harmless warnings out of the user's way."""
+    import warnings
+
+    import lightning  # noqa: F401  (it sets its loggers' levels on import; override them after)
+
+    level = logging.INFO if verbose else logging.WARNING
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(level)
+    if not verbose:
+        for pattern in (".*LeafSpec.*", ".*overridden `on_after_batch_transfer`.*", ".*smaller than the logging interval.*",
+                        ".*litlogger.*", ".*module\\(s\\) in eval mode.*"):
+            warnings.filterwarnings("ignore", message=pattern)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    quiet_lightning(args.verbose)
+    try:
+        if args.command in ("train", "distill"):
+            return cmd_fit(args, args.command)
+        return {"eval": cmd_eval, "export": cmd_export, "recipes": cmd_recipes, "demo": cmd_demo}[args.command](args)
+    except (ConfigError, CheckpointError) as exc:
+        print(f"kdistill {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""Recipes: typed configuration from YAML plus ``key=value`` overrides, validated before training.
+
+Every section is a dataclass; unknown keys, wrong types and unknown names raise ``ConfigError``
+with the key, the allowed values and close matches. YAML is read with ``yaml.safe_load`` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdistill.utils import ConfigError, unknown_name_error
+
+
+@dataclass
+class DataConfig:
+    """Which data set and how to batch it (``kdistill.data.build_data``)."""
+
+    name: str = "synthetic"
+    root: str | None = None
+    num_classes: int = 10
+    image_size: int | None = None
+    train_size: int = 5000
+    val_size: int = 1000
+    train_per_class: int | None = None
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    download: bool = False
+    cache_dir: str | None = None
+    on_bad_image: str = "skip"
+    augment: bool = True
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """A network by registry name, optional initial weights, optional taps by module name."""
+
+    model: str = "cifar.resnet20"
+    checkpoint: str | None = None
+    taps: dict[str, str] = field(default_factory=dict)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodConfig:
+    """The distillation method by name and its options (validated against its signature)."""
+
+    name: str = "ce"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OptimConfig:
+    """SGD with warm-up and a multistep, cosine or constant schedule (stepped per iteration)."""
+
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "multistep"
+    milestones: list[int] = field(default_factory=lambda: [150, 180, 210])
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    """Passed through to ``lightning.Trainer`` (so one recipe runs on CPU, GPU or DDP)."""
+
+    max_epochs: int = 240
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    log_every_n_steps: int = 20
+    limit_train_batches: float | None = None
+    limit_val_batches: float | None = None
+    check_val_every_n_epoch: int = 1
+    gradient_clip_val: float | None = None
+    compile: bool = False
+    progress_bar: bool = True
+
+
+@dataclass
+class TeacherRunConfig:
+    """How teachers run: the precision of their inference pass (``32``, or ``bf16`` autocast)."""
+
+    precision: str = "32"
+
+
+@dataclass
+class Config:
+    """A whole recipe."""
+
+    description: str = ""
+    published: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    output: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teachers: list[ModelConfig] = field(default_factory=list)
+    teacher: TeacherRunConfig = field(default_factory=TeacherRunConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "data.on_bad_image": ("skip", "error"),
+    "optim.schedule": ("multistep", "cosine", "constant"),
+    "teacher.precision": ("32", "bf16"),
+    "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
+}
+TEACHER_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(path: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(path, value, arg)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{path}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. teacher.precision=32
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, raw: Any, path: str = "") -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path or 'recipe'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            raise unknown_name_error("config key", full, [f"{path}.{n}" if path else n for n in names])
+        kwargs[key] = _coerce(full, value, hints[key])
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` → (``"a.b"``, YAML-parsed value)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"malformed override {text!r}: expected key=value, for example optim.lr=0.05")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    return key, value
+
+
+def _set_path(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    if parts[0] == "teacher" and len(parts) > 1 and parts[1] in TEACHER_FIELDS:
+        parts = ["teachers", "0", *parts[1:]]  # teacher.checkpoint=... means the first teacher
+    if parts[0] == "model" and len(parts) == 1:
+        parts = ["student", "model"]  # kdistill train model=cifar.resnet56
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        nxt = parts[i + 1]
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) > len(node):
+                raise ConfigError(f"override {key!r}: index {part!r} is out of range for a list of {len(node)}")
+            if int(part) == len(node):
+                node.append({})
+            node = node[int(part)]
+            continue
+        if part not in node or node[part] is None:
+            node[part] = [] if nxt.isdigit() else {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        if not last.isdigit() or int(last) > len(node):
+            raise ConfigError(f"override {key!r}: index {last!r} is out of range for a list of {len(node)}")
+        if int(last) == len(node):
+            node.append(value)
+        else:
+            node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"override {key!r}: {'.'.join(parts[:-1])!r} is not a section")
+
+
+def recipes_dir() -> Path:
+    """Where named recipes live: ``$KDISTILL_RECIPES`` or the repository's ``recipes/``."""
+    env = os.environ.get("KDISTILL_RECIPES")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "recipes"
+
+
+def find_recipe(name: str) -> Path:
+    """A recipe by path, or by name relative to ``recipes/`` (``cifar100/kd/resnet56-resnet20``)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    for candidate in (recipes_dir() / name, recipes_dir() / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    known = [str(p.relative_to(recipes_dir()).with_suffix("")) for p in recipes_dir().rglob("*.yaml")]
+    raise unknown_name_error("recipe", name, known)
+
+
+def load_raw(recipe: str | None) -> dict[str, Any]:
+    """The recipe's YAML as a dict (empty for no recipe)."""
+    if recipe is None:
+        return {}
+    path = find_recipe(recipe)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {exc}") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def build_config(recipe: str | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
+    """Resolve a recipe + overrides into a validated ``Config`` (nothing is trained or loaded)."""
+    tree = dict(base or {})
+    tree.update(load_raw(recipe))
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_path(tree, key, value)
+    cfg = _build(Config, tree)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Names and ranges that a dataclass type cannot express."""
+    from kdistill.data import DATASETS
+    from kdistill.methods import method_class, method_options
+    from kdistill.models import is_known_model, list_models
+
+    flat = {
+        "data.on_bad_image": cfg.data.on_bad_image,
+        "optim.schedule": cfg.optim.schedule,
+        "teacher.precision": cfg.teacher.precision,
+        "trainer.precision": cfg.trainer.precision,
+    }
+    for key, value in flat.items():
+        if value not in CHOICES[key]:
+            raise unknown_name_error(f"value for {key}", value, CHOICES[key])
+    if cfg.data.name not in DATASETS:
+        raise unknown_name_error("value for data.name", cfg.data.name, DATASETS)
+    for where, model in [("student.model", cfg.student.model)] + [
+        (f"teachers.{i}.model", t.model) for i, t in enumerate(cfg.teachers)
+    ]:
+        if not is_known_model(model):
+            raise unknown_name_error(f"model for {where}", model, [*list_models(), "torchvision.<name>", "timm.<name>"])
+    method_class(cfg.method.name)
+    allowed = method_options(cfg.method.name)
+    for key in cfg.method.options:
+        if key not in allowed:
+            raise unknown_name_error(f"option of method {cfg.method.name!r} (method.options.{key})", key, allowed)
+    positive = {
+        "data.batch_size": cfg.data.batch_size,
+        "data.eval_batch_size": cfg.data.eval_batch_size,
+        "trainer.max_epochs": cfg.trainer.max_epochs,
+        "data.num_classes": cfg.data.num_classes,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+    non_negative = {
+        "optim.lr": cfg.optim.lr,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.momentum": cfg.optim.momentum,
+        "optim.warmup_epochs": cfg.optim.warmup_epochs,
+        "data.num_workers": cfg.data.num_workers,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    if cfg.optim.nesterov and cfg.optim.momentum == 0:
+        raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
+    if not 0 < cfg.optim.gamma <= 1:
+        raise ConfigError(f"optim.gamma must be in (0, 1], got {cfg.optim.gamma}")

@@ -1,0 +1,100 @@
+"""Build everything a run needs from a validated ``Config``: data, models, method, distiller."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kdistill.checkpoint import load_weights
+from kdistill.config import Config, ModelConfig
+from kdistill.data import BatchAugment, DataBundle, build_data
+from kdistill.distiller import Distiller, Renormalize
+from kdistill.methods import build_method, method_options
+from kdistill.models import create_model
+from kdistill.utils import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Built:
+    """The pieces of a run."""
+
+    data: DataBundle
+    distiller: Distiller
+    augment: BatchAugment
+
+
+def load_data(cfg: Config) -> DataBundle:
+    """The data set of the recipe."""
+    d = cfg.data
+    return build_data(
+        d.name,
+        root=d.root,
+        num_classes=d.num_classes,
+        image_size=d.image_size,
+        train_size=d.train_size,
+        val_size=d.val_size,
+        train_per_class=d.train_per_class,
+        seed=d.seed,
+        download=d.download,
+        cache_dir=d.cache_dir,
+        on_bad_image=d.on_bad_image,
+        mean=d.mean,
+        std=d.std,
+    )
+
+
+def build_model(mc: ModelConfig, num_classes: int, role: str) -> nn.Module:
+    """A model by name with optional weights (checked strictly against its keys and shapes)."""
+    model = create_model(mc.model, num_classes=num_classes, **mc.kwargs)
+    if mc.checkpoint:
+        load_weights(model, mc.checkpoint)
+        log.info("%s %s: loaded %s", role, mc.model, mc.checkpoint)
+    return model
+
+
+def check_classes(model: nn.Module, num_classes: int, role: str, input_size: tuple[int, ...]) -> None:
+    """A teacher or student must output one logit per class of the data set."""
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.zeros(2, *input_size))
+    model.train(was)
+    if out.shape[-1] != num_classes:
+        raise ConfigError(f"{role} outputs {out.shape[-1]} classes but the data set has {num_classes}")
+
+
+def build_run(cfg: Config, data: DataBundle | None = None) -> Built:
+    """Data, student, teachers (frozen, each with its own normalisation), method and distiller."""
+    data = data or load_data(cfg)
+    n = data.num_classes
+    student = build_model(cfg.student, n, "student")
+    check_classes(student, n, "student", data.input_size)
+    teachers, teacher_inputs = [], []
+    for i, tc in enumerate(cfg.teachers):
+        teacher = build_model(tc, n, f"teacher {i}")
+        if not tc.checkpoint:
+            log.warning("teacher %d (%s) has no checkpoint: it is untrained", i, tc.model)
+        check_classes(teacher, n, f"teacher {i} ({tc.model})", data.input_size)
+        teachers.append(teacher)
+        needs = tc.mean is not None and (tc.mean != data.mean or tc.std != data.std)
+        teacher_inputs.append(Renormalize(data.mean, data.std, tc.mean, tc.std or data.std) if needs else None)
+    options = dict(cfg.method.options)
+    if "num_samples" in method_options(cfg.method.name) and "num_samples" not in options:
+        options["num_samples"] = len(data.train)
+    method = build_method(
+        cfg.method.name,
+        student=student,
+        teachers=teachers,
+        input_size=data.input_size,
+        student_taps=cfg.student.taps or None,
+        teacher_taps=(cfg.teachers[0].taps if cfg.teachers and cfg.teachers[0].taps else None),
+        **options,
+    )
+    distiller = Distiller(student, teachers, method, teacher_inputs)
+    augment = BatchAugment(data.mean, data.std, padding=4 if cfg.data.augment else 0, flip=cfg.data.augment)
+    return Built(data, distiller, augment)

@@ -1,0 +1,67 @@
+"""Callbacks and plugins: honest images/s and data time, atomic checkpoint writes."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+
+class Throughput(L.Callback):
+    """Logs ``train/images_per_s`` (whole step incl. data) and ``train/data_time`` per step."""
+
+    def __init__(self) -> None:
+        self._last_end: float | None = None
+        self._start = 0.0
+        self.epoch_images = 0
+        self.epoch_time = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_end = time.perf_counter()
+        self.epoch_images, self.epoch_time = 0, 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        self._start = time.perf_counter()
+        if self._last_end is not None:
+            pl_module.log("train/data_time", self._start - self._last_end, on_step=True, on_epoch=False)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, out: Any, batch: Any, idx: int) -> None:
+        now = time.perf_counter()
+        elapsed = now - (self._last_end if self._last_end is not None else self._start)
+        self._last_end = now
+        n = len(batch.targets) * trainer.world_size
+        self.epoch_images += n
+        self.epoch_time += elapsed
+        pl_module.log("train/images_per_s", n / max(elapsed, 1e-9), on_step=True, on_epoch=False, prog_bar=True)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.epoch_images / self.epoch_time if self.epoch_time else 0.0
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary file, fsyncs it, then renames it into place, so a
+    kill or a full disk never leaves a truncated checkpoint where the previous good one was."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as fh:
+                torch.save(checkpoint, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        # our own training checkpoints hold only tensors, numbers, strings and containers
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)

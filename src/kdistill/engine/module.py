@@ -1,0 +1,102 @@
+"""The Lightning module: sums the method's loss dict, logs every term, top-1/top-5, images/s.
+
+Batches arrive as uint8 tensors with their dataset indices; augmentation and normalisation run
+on the training device on whole batches (``BatchAugment``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.classification import MulticlassAccuracy
+
+from kdistill.config import Config
+from kdistill.data import BatchAugment
+from kdistill.distiller import Distiller
+from kdistill.engine.schedule import lr_factor
+from kdistill.methods.base import Batch, StepInfo
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a loss term becomes NaN or Inf; names the term and the step."""
+
+
+class DistillModule(L.LightningModule):
+    """Trains ``distiller.student`` (and the method's modules) with the configured optimizer."""
+
+    def __init__(self, cfg: Config, distiller: Distiller, augment: BatchAugment, num_classes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.distiller = distiller
+        self.augment = augment
+        self.num_classes = num_classes
+        self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+        self.train_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.steps_per_epoch = 1
+
+    @property
+    def student(self) -> torch.nn.Module:
+        return self.distiller.student
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.distiller.student(images)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Batch:
+        images, targets, index = batch
+        return Batch(self.augment(images, train=self.training and self.cfg.data.augment), targets, index)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        info = StepInfo(self.current_epoch, self.global_step, self.trainer.max_epochs or 1)
+        logits, losses = self.distiller.forward_train(batch, info)
+        for name, value in losses.items():
+            if not torch.isfinite(value).all():
+                raise NonFiniteLossError(
+                    f"loss term {name!r} is {value.item()} at epoch {self.current_epoch}, step {self.global_step}; "
+                    "training stopped, the last good checkpoint is kept"
+                )
+        total = torch.stack([v.float() for v in losses.values()]).sum()
+        bs = len(batch.targets)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value.detach(), batch_size=bs)
+        self.log("train/loss", total.detach(), prog_bar=True, batch_size=bs)
+        self.train_top1(logits.detach(), batch.targets)
+        self.log("train/top1", self.train_top1, on_step=False, on_epoch=True, batch_size=bs)
+        return total
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        logits = self.distiller.student(batch.images)
+        bs = len(batch.targets)
+        self.val_top1(logits, batch.targets)
+        self.val_top5(logits, batch.targets)
+        self.log("val/loss", F.cross_entropy(logits, batch.targets), sync_dist=True, batch_size=bs)
+        self.log("val/top1", self.val_top1, prog_bar=True, batch_size=bs)
+        self.log("val/top5", self.val_top5, batch_size=bs)
+
+    def configure_optimizers(self) -> Any:
+        o = self.cfg.optim
+        # weight decay on every parameter, as the reference CIFAR recipes do (baselines spec §3.1)
+        params = self.distiller.trainable_parameters()
+        optimizer = torch.optim.SGD(
+            params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+        )
+        factor = lr_factor(
+            o.schedule,
+            self.steps_per_epoch,
+            self.trainer.max_epochs or 1,
+            o.milestones,
+            o.gamma,
+            o.warmup_epochs,
+            o.min_lr / o.lr if o.lr else 0.0,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_epoch_start(self) -> None:
+        lr = self.optimizers().param_groups[0]["lr"] if self.trainer.optimizers else math.nan
+        self.log("train/lr", lr, on_step=False, on_epoch=True)

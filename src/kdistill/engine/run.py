@@ -1,0 +1,250 @@
+"""Runs: fit (train or distill), evaluate, export. Used by the CLI and usable from Python."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from kdistill.checkpoint import CheckpointError, load_weights, read_card, save_student
+from kdistill.config import Config
+from kdistill.data import DataBundle, ImageTensors, make_loader
+from kdistill.engine.build import Built, build_run, load_data
+from kdistill.engine.callbacks import AtomicCheckpointIO, Throughput
+from kdistill.engine.module import DistillModule
+from kdistill.models import create_model
+from kdistill.utils import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class TensorDataModule(L.LightningDataModule):
+    """In-memory train/val loaders, sharded by rank once the trainer knows the world size."""
+
+    def __init__(self, data: DataBundle, cfg: Config):
+        super().__init__()
+        self.data, self.cfg = data, cfg
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        t = self.trainer
+        return make_loader(self.data.train, self.cfg.data.batch_size, True, self.cfg.seed,
+                           t.global_rank, t.world_size, self.cfg.data.num_workers)
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        t = self.trainer
+        return make_loader(self.data.val, self.cfg.data.eval_batch_size, False, 0,
+                           t.global_rank, t.world_size, self.cfg.data.num_workers)
+
+
+class History(L.Callback):
+    """Per-epoch validation top-1 and train loss, for the summary and the curve plot."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        m = trainer.callback_metrics
+        self.rows.append({
+            "epoch": trainer.current_epoch + 1,
+            "val_top1": float(m.get("val/top1", float("nan"))),
+            "val_top5": float(m.get("val/top5", float("nan"))),
+            "train_loss": float(m.get("train/loss", float("nan"))),
+        })
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports."""
+
+    output: Path
+    top1_last: float
+    top1_best: float
+    top5_last: float
+    images_per_s: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    export: Path | None = None
+    seconds: float = 0.0
+
+
+def ensure_writable(folder: str | Path) -> Path:
+    """Create ``folder`` and prove it is writable before any training starts."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"output folder {str(path)!r} cannot be written: {exc.strerror or exc}") from exc
+    return path
+
+
+def card_for(cfg: Config, data: DataBundle, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The small description stored beside exported weights."""
+    return {
+        "format": "kdistill-student/1",
+        "model": cfg.student.model,
+        "model_kwargs": cfg.student.kwargs,
+        "num_classes": data.num_classes,
+        "classes": data.classes,
+        "input_size": list(data.input_size),
+        "mean": data.mean,
+        "std": data.std,
+        "method": cfg.method.name,
+        "teachers": [t.model for t in cfg.teachers],
+        "metrics": metrics,
+        "recipe": cfg.to_dict(),
+    }
+
+
+def make_trainer(cfg: Config, out: Path, callbacks: list[L.Callback], enable_checkpoints: bool = True) -> L.Trainer:
+    t = cfg.trainer
+    ckpt = ModelCheckpoint(
+        dirpath=out / "checkpoints", filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
+        monitor="val/top1", mode="max", save_top_k=1, save_last=True,
+    )
+    loggers = [CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="tb", version="")]
+    extra = {k: v for k, v in (("limit_train_batches", t.limit_train_batches),
+                                ("limit_val_batches", t.limit_val_batches)) if v is not None}
+    return L.Trainer(
+        max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+        strategy=t.strategy, precision=t.precision, log_every_n_steps=t.log_every_n_steps,
+        check_val_every_n_epoch=t.check_val_every_n_epoch, gradient_clip_val=t.gradient_clip_val,
+        callbacks=[*callbacks, ckpt] if enable_checkpoints else callbacks, logger=loggers,
+        plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
+        enable_progress_bar=t.progress_bar, enable_model_summary=False, num_sanity_val_steps=0, **extra,
+    )
+
+
+def fit(cfg: Config, resume: bool = False, built: Built | None = None) -> RunResult:
+    """Train (method ``ce``) or distill as the recipe says; export the final student."""
+    out = ensure_writable(cfg.output)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    built = built or build_run(cfg)
+    if cfg.trainer.compile:
+        built.distiller.student.compile()
+        for teacher in built.distiller.teachers:
+            teacher.compile()
+    module = DistillModule(cfg, built.distiller, built.augment, built.data.num_classes)
+    dm = TensorDataModule(built.data, cfg)
+    history, speed = History(), Throughput()
+    trainer = make_trainer(cfg, out, [history, speed])
+    world = max(1, trainer.world_size)
+    module.steps_per_epoch = len(make_loader(built.data.train, cfg.data.batch_size, True, world_size=world))
+    ckpt_path = None
+    if resume:
+        last = out / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise ConfigError(f"--resume: no checkpoint at {str(last)!r}")
+        ckpt_path = str(last)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    (out / "run.json").write_text(json.dumps(card_for(cfg, built.data, {}), indent=2, default=str))
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    seconds = time.perf_counter() - start
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+    ckpt_cb = trainer.checkpoint_callback
+    best = float(ckpt_cb.best_model_score) if ckpt_cb and ckpt_cb.best_model_score is not None else float("nan")
+    m = trainer.callback_metrics
+    last_top1 = float(m.get("val/top1", float("nan")))
+    result = RunResult(out, last_top1 * 100, best * 100, float(m.get("val/top5", float("nan"))) * 100,
+                       speed.images_per_s, history.rows, seconds=seconds)
+    if trainer.is_global_zero:
+        metrics = {"top1_last": result.top1_last, "top1_best": result.top1_best, "top5_last": result.top5_last,
+                   "epochs": trainer.current_epoch, "train_images_per_s": result.images_per_s}
+        result.export = save_student(built.distiller.student, out / "student.safetensors",
+                                     card_for(cfg, built.data, metrics))
+        (out / "metrics.json").write_text(json.dumps({**metrics, "history": history.rows}, indent=2))
+    return result
+
+
+@torch.no_grad()
+def evaluate_model(model: torch.nn.Module, val: ImageTensors, mean: list[float], std: list[float],
+                   batch_size: int = 256, device: str | torch.device = "cpu") -> dict[str, float]:
+    """Top-1/top-5 (%) on ``val`` and inference images/s (batch ``batch_size``)."""
+    from kdistill.data import BatchAugment
+
+    aug = BatchAugment(mean, std, padding=0, flip=False).to(device)
+    model = model.to(device).eval()
+    correct1 = correct5 = 0
+    elapsed = 0.0
+    for start in range(0, len(val), batch_size):
+        images, targets, _ = val[range(start, min(start + batch_size, len(val)))]
+        x = aug(images.to(device), train=False)
+        t0 = time.perf_counter()
+        logits = model(x)
+        elapsed += time.perf_counter() - t0
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
+        correct1 += (top[:, 0] == targets).sum().item()
+        correct5 += (top == targets.view(-1, 1)).any(1).sum().item()
+    n = len(val)
+    return {"top1": 100 * correct1 / n, "top5": 100 * correct5 / n, "images_per_s": n / max(elapsed, 1e-9)}
+
+
+def load_exported(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A student export (``.safetensors`` + card) as a ready model and its card."""
+    card = read_card(path)
+    model = create_model(card["model"], num_classes=card["num_classes"], **card.get("model_kwargs", {}))
+    load_weights(model, path)
+    return model, card
+
+
+def load_from_run(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The student of a run folder, an export, or a training checkpoint (``.ckpt``) of a run."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "student.safetensors"
+    if path.suffix == ".safetensors":
+        return load_exported(path)
+    if path.suffix == ".ckpt":
+        run = path.parent.parent
+        card_path = run / "run.json"
+        if not card_path.is_file():
+            raise CheckpointError(f"cannot find the run's card {str(card_path)!r} next to {str(path)!r}")
+        card = json.loads(card_path.read_text())
+        model = create_model(card["model"], num_classes=card["num_classes"], **card.get("model_kwargs", {}))
+        load_weights(model, path, prefix="distiller.student.")
+        return model, card
+    raise CheckpointError(f"{str(path)!r}: expected a run folder, a .safetensors export or a .ckpt checkpoint")
+
+
+def evaluate(path: str | Path, cfg: Config | None = None) -> dict[str, float]:
+    """Evaluate a run / export / checkpoint on the validation split of its recipe's data."""
+    model, card = load_from_run(path)
+    if cfg is None:
+        from kdistill.config import _build
+
+        cfg = _build(Config, card["recipe"])
+    data = load_data(cfg)
+    if data.num_classes != card["num_classes"]:
+        raise ConfigError(f"the model has {card['num_classes']} classes but the data set has {data.num_classes}")
+    return evaluate_model(model, data.val, card["mean"], card["std"], cfg.data.eval_batch_size)
+
+
+def export(path: str | Path, out: str | Path, onnx: bool = False) -> list[Path]:
+    """Write the student as safetensors (+ card) and optionally ONNX; returns the written files."""
+    model, card = load_from_run(path)
+    out = Path(out)
+    written = [save_student(model, out, card), out.with_suffix(".json")]
+    if onnx:
+        onnx_path = out.with_suffix(".onnx")
+        dummy = torch.zeros(1, *card["input_size"])
+        model.eval()
+        tmp = onnx_path.with_name(f".{onnx_path.name}.tmp")
+        torch.onnx.export(model, (dummy,), str(tmp), input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        os.replace(tmp, onnx_path)
+        written.append(onnx_path)
+    return written
