@@ -405,3 +405,27 @@ def test_old_checkpoint_without_num_batches_tracked_loads(tmp_path: Path) -> Non
     torch.save({"model": state, "epoch": 240, "accuracy": torch.tensor(75.61)}, path)
     target = kdistill.load_weights(_build("cifar.wrn_16_1", seed=1), path)
     assert torch.equal(target.conv1.weight, source.conv1.weight)
+
+
+def test_torchvision_mobilenet_v2_preset() -> None:
+    model = _randomise_bn(_build("torchvision.mobilenet_v2", num_classes=10)).eval()
+    post, pre = stage_taps(model), stage_taps(model, preact=True)
+    assert post == pre
+    assert [post[f"stage{i}"] for i in (1, 2, 3, 4)] == ["features.3", "features.6", "features.13", "features.17"]
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        with FeatureRecorder(model, post) as rec:
+            logits = model(x)
+        h, want = x, {}
+        for i, layer in enumerate(model.features):
+            h = layer(h)
+            want[i] = h
+        got = rec.features
+        torch.testing.assert_close(model.classifier(got["pooled"].flatten(1)), logits)
+    for key, index, (channels, side) in zip(
+        ["stem", "stage1", "stage2", "stage3", "stage4"], [0, 3, 6, 13, 17],
+        [(32, 32), (24, 16), (32, 8), (96, 4), (320, 2)], strict=True,
+    ):  # fmt: skip
+        assert got[key].shape == (2, channels, side, side)
+        torch.testing.assert_close(got[key], want[index])
+    torch.testing.assert_close(got["pooled"], want[18].mean((2, 3), keepdim=True))
