@@ -92,6 +92,18 @@ def test_eval_mode_does_not_update_the_bank() -> None:
     assert torch.equal(mem.memory_student, before)
 
 
+def test_banks_follow_to_and_z_survives_dtype_change() -> None:
+    torch.manual_seed(0)
+    crd = CRDLoss(4, 6, num_data=10, feat_dim=8, num_negatives=3)
+    crd(torch.randn(2, 4), torch.randn(2, 6), torch.tensor([1, 2]))
+    z = crd.memory.z_student.item()
+    crd = crd.to(torch.float64)
+    assert crd.memory.memory_student.dtype == crd.memory.memory_teacher.dtype == torch.float64
+    assert crd.memory.z_student.item() == pytest.approx(z)
+    loss = crd(torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64), torch.tensor([3, 4]))
+    assert loss.dtype == torch.float64 and torch.isfinite(loss)
+
+
 def test_fast_sampler_never_returns_the_positive_and_covers_the_others() -> None:
     torch.manual_seed(0)
     n, k = 5, 4000
@@ -165,7 +177,7 @@ def test_crd_loss_matches_hand_computation_on_a_tiny_bank() -> None:
 # --- method, state and errors ---------------------------------------------------------------------
 
 
-def _models(student: str = "cifar.resnet8", teacher: str = "cifar.resnet14") -> tuple[nn.Module, nn.Module]:
+def _models(student: str = "cifar.resnet8", teacher: str = "cifar.resnet8") -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     return create_model(student, num_classes=10), create_model(teacher, num_classes=10)
 
@@ -179,7 +191,7 @@ def test_crd_heads_sized_from_pooled_widths() -> None:
     method = build_method("crd", student=s, teachers=[t], num_samples=100, num_negatives=8)
     assert method.criterion.embed_student.linear.in_features == 64
     assert method.criterion.embed_teacher.linear.in_features == 256
-    s, t = _models("cifar.resnet8", "cifar.resnet14")  # spec §2.7: resnet20/resnet56 heads 16,640
+    s, t = _models()  # pooled 64 / 64 like resnet20/resnet56: spec §2.7 heads 16,640
     method = build_method("crd", student=s, teachers=[t], num_samples=100, num_negatives=8)
     assert sum(p.numel() for p in method.parameters()) == 16_640
 
@@ -219,8 +231,9 @@ def test_crd_step_gradients_reach_student_and_both_heads_not_teacher() -> None:
 
 def test_crd_kd_adds_the_kd_term() -> None:
     s, t = _models()
-    method = build_method("crd_kd", student=s, teachers=[t], num_samples=16, num_negatives=6)
+    method = build_method("crd_kd", student=s, teachers=[t], num_samples=16, num_negatives=6, sampling="exact")
     assert method.kd_weight == 1.0 and method.crd_weight == 0.8
+    assert method.criterion.memory.sampling == "exact"
     _, losses = Distiller(s, [t], method).forward_train(_batch(torch.tensor([0, 1, 2, 3])), StepInfo())
     assert set(losses) == {"ce", "kd", "crd"}
 
@@ -281,7 +294,7 @@ def test_vid_learn_variance_flag() -> None:
 
 
 def test_vid_method_parameter_count_and_gradients() -> None:
-    s, t = _models()  # resnet8/resnet14: the stage widths of resnet20/resnet56, spec §2.9: 16,240
+    s, t = _models()  # stage widths 16/32/64 like resnet20/resnet56: spec §2.9 says 16,240
     method = build_method("vid", student=s, teachers=[t])
     assert method.student_features == ["stage1", "stage2", "stage3"]
     assert sum(p.numel() for p in method.parameters()) == 16_240

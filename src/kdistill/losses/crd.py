@@ -125,8 +125,10 @@ class ContrastMemory(nn.Module):
         index = index.to(bank_s.device, torch.long)
         idx = self.sample(index) if contrast_index is None else contrast_index.to(bank_s.device, torch.long)
         # exp(<.,.>/0.07) reaches 1.6e6: keep the scores in float32 whatever autocast says
+        dtype = torch.promote_types(bank_s.dtype, torch.float32)
         with torch.autocast(device_type=bank_s.device.type, enabled=False):
-            emb_s, emb_t = emb_student.float(), emb_teacher.float()
+            emb_s, emb_t = emb_student.to(dtype), emb_teacher.to(dtype)
+            bank_s, bank_t = bank_s.to(dtype), bank_t.to(dtype)
             scores_s = torch.exp(self._dot(bank_t, idx, emb_s) / self.temperature)
             scores_t = torch.exp(self._dot(bank_s, idx, emb_t) / self.temperature)
             with torch.no_grad():  # set once (still negative = unset), without a host sync
