@@ -364,13 +364,13 @@ def test_step_gradients_reach_student_and_method_never_teacher(name):
 )
 def test_method_applies_its_default_weight_to_the_right_features(name, weight, loss_fn):
     student, teacher = _pair()
-    batch = _batch()
+    batch = _batch(size=16)
     keys = ["stage1", "stage2", "stage3", "pooled"]
     teacher.eval()
     with torch.no_grad():
         t_logits, t_feats = _features(teacher, keys, batch.images)
         s_logits, s_feats = _features(student, keys, batch.images)
-        method = build_method(name, student=student, teachers=[teacher])
+        method = build_method(name, student=student, teachers=[teacher], input_size=(3, 16, 16))
         out = method(batch, ModelOutput(s_logits, s_feats), [ModelOutput(t_logits, t_feats)], StepInfo())
     assert out[name].item() == pytest.approx(weight * loss_fn(s_feats, t_feats).item(), rel=1e-5)
     assert out["ce"].item() == pytest.approx(F.cross_entropy(s_logits, batch.targets).item(), rel=1e-6)
@@ -389,15 +389,15 @@ def test_method_feature_keys_follow_the_spec_table():
 
 def test_fitnet_method_loss_uses_regressed_stage2():
     student, teacher = _pair()
-    batch = _batch()
-    method = build_method("fitnet", student=student, teachers=[teacher], feat_weight=2.0)
+    batch = _batch(size=16)
+    method = build_method("fitnet", student=student, teachers=[teacher], feat_weight=2.0, input_size=(3, 16, 16))
     teacher.eval()
     with torch.no_grad():
         t_logits, t_feats = _features(teacher, ["stage2"], batch.images)
         s_logits, s_feats = _features(student, ["stage2"], batch.images)
         out = method(batch, ModelOutput(s_logits, s_feats), [ModelOutput(t_logits, t_feats)], StepInfo())
         expected = 2.0 * F.mse_loss(method.regressor(s_feats["stage2"]), t_feats["stage2"])
-    assert s_feats["stage2"].shape[1:] == (32, 16, 16)
+    assert s_feats["stage2"].shape[1:] == (32, 8, 8)
     assert out["fitnet"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
