@@ -121,6 +121,8 @@ def save_student(model: nn.Module, path: str | Path, card: Mapping[str, Any]) ->
 def read_card(path: str | Path) -> dict[str, Any]:
     """The card stored with a student export (from the JSON beside it, or the safetensors header)."""
     path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"student export {str(path)!r} does not exist")
     card_path = path.with_suffix(".json")
     if card_path.is_file():
         return json.loads(card_path.read_text())

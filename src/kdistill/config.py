@@ -166,6 +166,11 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)
