@@ -19,6 +19,7 @@ from kdistill.config import Config
 from kdistill.data import BatchAugment
 from kdistill.distiller import Distiller
 from kdistill.engine.schedule import lr_factor
+from kdistill.methods.adversarial import OwnOptimizerStep
 from kdistill.methods.base import Batch, StepInfo
 
 
@@ -39,6 +40,8 @@ class DistillModule(L.LightningModule):
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
         self.train_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.steps_per_epoch = 1
+        self.own: OwnOptimizerStep | None = None  # the method's own optimizer (MEAL's discriminators)
+        self._own_state: dict[str, Any] | None = None
 
     @property
     def student(self) -> torch.nn.Module:
@@ -51,9 +54,29 @@ class DistillModule(L.LightningModule):
         images, targets, index = batch
         return Batch(self.augment(images, train=self.training and self.cfg.data.augment), targets, index)
 
+    def on_fit_start(self) -> None:
+        self.own = OwnOptimizerStep(self.distiller.method)  # built on the training device
+        if self._own_state:
+            self.own.load_state_dict(self._own_state)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.own is not None:
+            checkpoint["own_optimizer"] = self.own.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._own_state = checkpoint.get("own_optimizer")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.own is not None:
+            self.own.after_main_backward()
+
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         info = StepInfo(self.current_epoch, self.global_step, self.trainer.max_epochs or 1)
-        logits, losses = self.distiller.forward_train(batch, info)
+        own_step = None
+        if self.own is not None and self.own.optimizer is not None:
+            self.own.sync_lr(self.optimizers().optimizer)
+            own_step = self.own.separate_step
+        logits, losses = self.distiller.forward_train(batch, info, own_step=own_step)
         for name, value in losses.items():
             if not torch.isfinite(value).all():
                 raise NonFiniteLossError(
