@@ -308,3 +308,14 @@ def test_vid_method_parameter_count_and_gradients() -> None:
     assert all(p.grad is None for p in t.parameters())
     fixed = build_method("vid", student=s, teachers=[t], learn_variance=False)
     assert sum(p.numel() for p in fixed.parameters()) == 16_240 - (16 + 32 + 64)
+
+
+def test_crd_two_forwards_then_one_backward() -> None:
+    """The bank and Z updates of a later forward must not break the backward of an earlier one."""
+    torch.manual_seed(0)
+    crd = CRDLoss(4, 4, num_data=10, feat_dim=8, num_negatives=3)
+    feats = torch.randn(2, 4, requires_grad=True)
+    first = crd(feats, torch.randn(2, 4), torch.tensor([0, 1]))
+    second = crd(feats, torch.randn(2, 4), torch.tensor([0, 2]))
+    (first + second).backward()
+    assert feats.grad is not None and feats.grad.abs().sum() > 0

@@ -134,8 +134,9 @@ class ContrastMemory(nn.Module):
             with torch.no_grad():  # set once (still negative = unset), without a host sync
                 for z, scores in ((self.z_student, scores_s), (self.z_teacher, scores_t)):
                     z.copy_(torch.where(z < 0, scores.mean() * self.num_data, z))
-            probs_s = scores_s / self.z_student
-            probs_t = scores_t / self.z_teacher
+            # copies: autograd keeps Z for the backward, and the buffers are written in place
+            probs_s = scores_s / self.z_student.clone()
+            probs_t = scores_t / self.z_teacher.clone()
             if self.training:
                 self.update(index, emb_s, emb_t)
         return probs_s, probs_t
