@@ -11,14 +11,12 @@ read here from a dry run of student and teacher (spec §4 "recommended kdistill 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdistill.features import stage_keys, stage_taps
 from kdistill.losses.hcl import SKIP_RULES, hcl_loss
 from kdistill.methods.base import Batch, Method, ModelOutput, StepInfo, check_weight, register_method
 from kdistill.utils import ConfigError
@@ -93,11 +91,6 @@ class ABF(nn.Module):
         if out_hw is not None and out_hw != hw:
             x = F.interpolate(x, size=out_hw, mode="nearest")
         return self.conv2(x), x
-
-
-def _stage_number(key: str) -> int:
-    match = re.fullmatch(r"stage(\d+)", key)
-    return int(match.group(1)) if match else -1
 
 
 def _fmt(shape: Sequence[int]) -> str:
@@ -198,8 +191,8 @@ class ReviewKD(Method):
         self.teacher_preact = bool(teacher_preact)
 
         teacher = teachers[0]
-        s_keys = self._feature_keys(student, self.student_preact, self._student_taps_override, "student")
-        t_keys = self._feature_keys(teacher, self.teacher_preact, self._teacher_taps_override, "teacher")
+        s_keys = self._feature_keys(student, teacher=False, preact=self.student_preact)
+        t_keys = self._feature_keys(teacher, teacher=True, preact=self.teacher_preact)
         s_shapes = self._probe_chw(student, s_keys, self.student_preact, teacher=False)
         t_shapes = self._probe_chw(teacher, t_keys, self.teacher_preact, teacher=True)
         self.student_features, self.teacher_features = s_keys, t_keys
@@ -235,25 +228,14 @@ class ReviewKD(Method):
         self.abfs = nn.ModuleList(abfs[::-1])
 
     # --- configuration --------------------------------------------------------------------------
-    @staticmethod
-    def _feature_keys(model: nn.Module, preact: bool, override: dict[str, str], role: str) -> list[str]:
-        """``stage1..stageK`` (from the family's preset and/or the user's taps) plus ``pooled``."""
-        keys = {k for k in override if _stage_number(k) > 0}
-        try:
-            preset = stage_taps(model, preact)
-            keys |= set(stage_keys(preset))
-            has_pooled = "pooled" in preset or "pooled" in override
-        except ConfigError:
-            if not keys:
-                raise
-            has_pooled = "pooled" in override
-        if not has_pooled:
-            raise ConfigError(f"reviewkd: the {role} needs a 'pooled' tap (global average of the last feature map)")
-        ordered = sorted(keys, key=_stage_number)
-        expected = [f"stage{i}" for i in range(1, len(ordered) + 1)]
-        if ordered != expected:
-            raise ConfigError(f"reviewkd: {role} stage taps must be {expected}, got {ordered}")
-        return [*ordered, "pooled"]
+    def _feature_keys(self, model: nn.Module, teacher: bool, preact: bool) -> list[str]:
+        """``stage1..stageK`` (the family's preset merged with the user's taps) plus ``pooled``."""
+        stages = self.available_stages(model, teacher=teacher, preact=preact)
+        expected = [f"stage{i}" for i in range(1, len(stages) + 1)]
+        if stages != expected:
+            role = "teacher" if teacher else "student"
+            raise ConfigError(f"reviewkd: {role} stage taps must be numbered {expected}, got {stages}")
+        return [*stages, "pooled"]
 
     def _probe_chw(self, model: nn.Module, keys: list[str], preact: bool, teacher: bool) -> dict[str, tuple[int, ...]]:
         """Probed C×H×W per key; a flat pooled vector (C) counts as C×1×1."""
