@@ -80,13 +80,15 @@ def build_data(
         va = load_image_folder(val_dir, image_size, cache_dir, on_bad_image, classes=tr.classes)
         train, val, classes = tr.tensors, va.tensors, tr.classes
         skipped = len(tr.skipped) + len(va.skipped)
-    if train_per_class:
-        train = train.subset_per_class(train_per_class, seed)
     if mean is None or std is None:
+        # statistics of the whole train split, also when training on a subset of it: that is what
+        # a teacher trained on the split was normalised with
         if name in KNOWN_STATS:
             mean, std = (list(v) for v in KNOWN_STATS[name])
         else:
             mean, std = train.channel_stats()
+    if train_per_class:
+        train = train.subset_per_class(train_per_class, seed)
     return DataBundle(train, val, classes, list(mean), list(std), skipped)
 
 

@@ -77,6 +77,15 @@ class RunResult:
     seconds: float = 0.0
 
 
+def peak_memory_mb() -> float:
+    """Peak memory of this process in MiB: CUDA's max allocated when on a GPU, else peak RSS."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
 def ensure_writable(folder: str | Path) -> Path:
     """Create ``folder`` and prove it is writable before any training starts."""
     path = Path(folder)
@@ -163,7 +172,8 @@ def fit(cfg: Config, resume: bool = False, built: Built | None = None) -> RunRes
                        speed.images_per_s, history.rows, seconds=seconds)
     if trainer.is_global_zero:
         metrics = {"top1_last": result.top1_last, "top1_best": result.top1_best, "top5_last": result.top5_last,
-                   "epochs": trainer.current_epoch, "train_images_per_s": result.images_per_s}
+                   "epochs": trainer.current_epoch, "train_images_per_s": result.images_per_s,
+                   "train_seconds": seconds, "peak_memory_mb": peak_memory_mb()}
         result.export = save_student(built.distiller.student, out / "student.safetensors",
                                      card_for(cfg, built.data, metrics))
         (out / "metrics.json").write_text(json.dumps({**metrics, "history": history.rows}, indent=2))

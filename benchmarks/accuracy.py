@@ -1,0 +1,175 @@
+"""Accuracy harness: every method on the same short budget of real data, same teacher checkpoint.
+
+Data: ``tiny100-32`` (100 classes, 32×32 real photographs, ../shared/data), a class-balanced
+subset of the train split, the full val split. Teacher: the shared resnet56 checkpoint (51.02%
+top-1 on val; shared CIFAR checkpoint layout). Student: cifar.resnet20. Every row runs the
+``kdistill distill`` (or ``train``) command printed in the table, in its own process (clean peak
+memory), and is cached in the JSON beside the table, so an interrupted run resumes where it
+stopped. Budget-dependent settings (warm-up lengths scaled from 240 to the short budget) are listed
+with each row.
+
+    python benchmarks/accuracy.py                       # all rows, default budget
+    python benchmarks/accuracy.py --methods ce,kd,reviewkd --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+RESULTS = ROOT / "benchmarks" / "results"
+
+# Method rows: overrides on top of the common budget. Warm-ups that the 240-epoch recipes set to
+# 20 epochs are scaled to the short budget (20/240 of it, rounded up to 1 epoch).
+ROWS: dict[str, list[str]] = {
+    "ce": ["method.name=ce"],
+    "kd": ["method.name=kd"],
+    "reviewkd": ["method.name=reviewkd", "method.options.loss_weight=0.7", "method.options.warmup_epochs=1"],
+    "dkd": ["method.name=dkd", "method.options.beta=2.0", "method.options.warmup_epochs=1"],
+    "fitnet": ["method.name=fitnet"],
+    "at": ["method.name=at"],
+    "sp": ["method.name=sp"],
+    "rkd": ["method.name=rkd"],
+    "pkt": ["method.name=pkt"],
+    "nst": ["method.name=nst"],
+    "crd": ["method.name=crd"],
+    "vid": ["method.name=vid"],
+}
+DEFAULT_ORDER = ["ce", "kd", "reviewkd", "dkd", "crd", "fitnet", "at", "sp", "pkt", "rkd", "nst", "vid"]
+
+
+def unpack_tiny100(cache: Path) -> Path:
+    """``tiny100-32`` unpacked once into ``cache`` (never into the repository)."""
+    target = cache / "tiny100-32"
+    if (target / "val").is_dir():
+        return target
+    archive = SHARED / "data" / "tiny100-32.tar.gz"
+    if not archive.is_file():
+        sys.exit(f"missing {archive}: the accuracy benchmark needs the shared tiny100-32 data")
+    cache.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(cache, filter="data")
+    return target
+
+
+def common_overrides(args: argparse.Namespace, data_root: Path) -> list[str]:
+    return [
+        "data.name=imagefolder", f"data.root={data_root}", f"data.train_per_class={args.per_class}",
+        "data.batch_size=64", "data.eval_batch_size=500",
+        "model=cifar.resnet20", "teacher.model=cifar.resnet56", f"teacher.checkpoint={args.teacher}",
+        "optim.lr=0.05", "optim.momentum=0.9", "optim.nesterov=true", "optim.weight_decay=5e-4",
+        "optim.schedule=cosine", "optim.warmup_epochs=1",
+        f"trainer.max_epochs={args.epochs}", "trainer.progress_bar=false",
+    ]
+
+
+def run_row(method: str, seed: int, args: argparse.Namespace, data_root: Path) -> dict:
+    out = Path(args.runs) / f"{method}-seed{seed}"
+    command = "train" if method == "ce" else "distill"
+    argv = [command, *common_overrides(args, data_root), *ROWS[method], f"data.seed={seed}", f"seed={seed}",
+            f"output={out}"]
+    if method == "ce":
+        argv = [a for a in argv if not a.startswith("teacher.")]
+    shown = "kdistill " + " ".join(shlex.quote(a) for a in argv)
+    print(f"[{time.strftime('%H:%M:%S')}] {method} seed {seed}: {shown}", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "kdistill.cli", *argv], capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
+        raise SystemExit(f"row {method} seed {seed} failed with exit code {proc.returncode}")
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {"method": method, "seed": seed, "command": shown, "wall_seconds": time.perf_counter() - start,
+            **{k: v for k, v in metrics.items() if k != "history"}, "history": metrics["history"]}
+
+
+def write_table(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
+    by_method: dict[str, list[dict]] = {}
+    for r in rows:
+        by_method.setdefault(r["method"], []).append(r)
+    ce = by_method.get("ce")
+    ce_last = sum(r["top1_last"] for r in ce) / len(ce) if ce else None
+    lines = [
+        "# Accuracy benchmark: resnet56 → resnet20 on tiny100-32",
+        "",
+        f"- Data: `tiny100-32` (../shared/data), {args.per_class} train images per class "
+        f"({100 * args.per_class} images, class-balanced, chosen by the seed), the full val split (5,000).",
+        "- Teacher: `../shared/teachers/resnet56_tiny100-32.pth` (51.02% val top-1, shared CIFAR layout).",
+        f"- Budget: {args.epochs} epochs, batch 64, SGD Nesterov lr 0.05, cosine with 1 warm-up epoch, wd 5e-4; "
+        "every row the same. Statistic: top-1 on val at the last epoch and the best epoch.",
+        f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}.",
+        "- Reproduce: `python benchmarks/accuracy.py` (resumable; rows cached in the JSON beside this file).",
+        "",
+        "| method | seeds | top-1 last (%) | top-1 best (%) | Δ last vs CE | train images/s | step time (ms) | peak memory (MiB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for method in [m for m in DEFAULT_ORDER if m in by_method] + [m for m in by_method if m not in DEFAULT_ORDER]:
+        rs = by_method[method]
+        last = [r["top1_last"] for r in rs]
+        best = [r["top1_best"] for r in rs]
+        mean_last = sum(last) / len(last)
+
+        def fmt(v: list[float]) -> str:
+            m = sum(v) / len(v)
+            if len(v) == 1:
+                return f"{m:.2f}"
+            sd = (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5
+            return f"{m:.2f} ± {sd:.2f}"
+
+        ips = sum(r["train_images_per_s"] for r in rs) / len(rs)
+        delta = f"{mean_last - ce_last:+.2f}" if ce_last is not None else "n/a"
+        mem = max(r.get("peak_memory_mb", float("nan")) for r in rs)
+        lines.append(f"| {method} | {len(rs)} | {fmt(last)} | {fmt(best)} | {delta} | {ips:.0f} | "
+                     f"{1000 * 64 / ips:.0f} | {mem:.0f} |")
+    lines += ["", "## Commands", ""]
+    for r in rows:
+        lines.append(f"- {r['method']} seed {r['seed']} ({r['wall_seconds'] / 60:.1f} min): `{r['command']}`")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default=",".join(DEFAULT_ORDER))
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--per-class", type=int, default=100)
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--teacher", default=str(SHARED / "teachers" / "resnet56_tiny100-32.pth"))
+    p.add_argument("--cache", default=os.environ.get("KDISTILL_CACHE", str(Path.home() / ".cache" / "kdistill")))
+    p.add_argument("--runs", default=str(ROOT / "runs" / "bench-accuracy"))
+    p.add_argument("--name", default="accuracy_tiny100")
+    args = p.parse_args()
+    data_root = unpack_tiny100(Path(args.cache) / "data")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    cache_file = RESULTS / f"{args.name}.json"
+    rows = json.loads(cache_file.read_text()) if cache_file.is_file() else []
+    done = {(r["method"], r["seed"]) for r in rows}
+    budget = {"per_class": args.per_class, "epochs": args.epochs}
+    for method in args.methods.split(","):
+        if method not in ROWS:
+            sys.exit(f"unknown method row {method!r}; rows: {', '.join(ROWS)}")
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            if (method, seed) in done:
+                continue
+            row = {**run_row(method, seed, args, data_root), "budget": budget}
+            rows.append(row)
+            tmp = cache_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(rows, indent=1))
+            os.replace(tmp, cache_file)
+            write_table(rows, args, RESULTS / f"{args.name}.md")
+            print(f"  → top-1 last {row['top1_last']:.2f}  best {row['top1_best']:.2f}", flush=True)
+    write_table(rows, args, RESULTS / f"{args.name}.md")
+
+
+if __name__ == "__main__":
+    main()
