@@ -6,10 +6,12 @@ Numbers come from the ReviewKD spec (§3, §7, §9, §14); the pair tables are c
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 import kdistill
@@ -154,6 +156,12 @@ def test_abf_structure_parameter_count_and_init():
         assert conv.weight.abs().max() <= bound and conv.weight.abs().max() > 0.9 * bound
     for bn in (abf.conv1[1], abf.conv2[1]):
         assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+
+
+def test_abf_counts_of_the_detection_chain():
+    # spec §9.3 / §14.5: five FPN levels, in = out = 256, C_m = 256, the coarsest ABF does not fuse
+    abfs = [ABF(256, 256, 256, fuse=i < 4) for i in range(5)]
+    assert sum(p.numel() for abf in abfs for p in abf.parameters()) == 3_286_024
 
 
 def test_abf_matches_functional_formula():
@@ -377,6 +385,20 @@ def test_step_gradients_reach_student_and_abfs_never_teacher():
         torch.testing.assert_close(v, t_state[k], rtol=0, atol=0)
 
 
+def test_residual_chain_carries_gradient_to_deeper_abfs():
+    student, teacher, method, distiller = _small_pair()
+    s_out = distiller.student_forward(_batch().images)
+    t_out = Distiller._clone_out(distiller.teacher_forward(0, _batch().images))
+    outputs = method.review(
+        [s_out.features[k] for k in method.student_features], [t_out.features[k] for k in method.teacher_features]
+    )
+    outputs[0].square().sum().backward()  # the shallowest output only (stage1, made by abfs[-1])
+    pooled_abf = method.abfs[0]
+    assert pooled_abf.conv1[0].weight.grad.abs().sum() > 0  # reached through every residual
+    assert pooled_abf.conv2[0].weight.grad is None  # its own output is not part of this loss
+    assert student.layer3[0].conv1.weight.grad.abs().sum() > 0
+
+
 def test_loss_assembly_and_zero_weight():
     student, teacher, method, distiller = _small_pair(loss_weight=3.0, ce_weight=0.5)
     method.eval()  # BN on running statistics so repeated passes agree
@@ -512,3 +534,42 @@ def test_explicit_lists_are_validated():
     assert explicit.mid_channels == 32
     capped = kdistill.build_method("reviewkd", student=s, teachers=[t], max_mid_channels=16)
     assert capped.mid_channels == 16
+
+
+# --- recipes -----------------------------------------------------------------------------------------
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+# λ per pair (spec §9.1; unverified pairs as chosen in the recipe comments) and lr 0.01 for MobileNet/ShuffleNet
+RECIPE_LAMBDA = {
+    "resnet56-resnet20": 0.6, "resnet110-resnet32": 1.0, "resnet32x4-resnet8x4": 5.0, "wrn_40_2-wrn_16_2": 5.0,
+    "wrn_40_2-wrn_40_1": 5.0, "vgg13-vgg8": 5.0, "resnet50-mobile_half": 30.0, "vgg13-mobile_half": 5.0,
+    "resnet50-vgg8": 5.0, "resnet32x4-shufflev1": 5.0, "wrn_40_2-shufflev1": 5.0, "resnet32x4-shufflev2": 8.0,
+}  # fmt: skip
+
+
+def test_cifar_recipes_follow_the_spec_and_build():
+    paths = sorted((RECIPES / "cifar100" / "reviewkd").glob("*.yaml"))
+    assert {p.stem for p in paths} == set(RECIPE_LAMBDA)
+    for path in paths:
+        recipe = yaml.safe_load(path.read_text())
+        options = recipe["method"]["options"]
+        student = recipe["student"]["model"]
+        assert recipe["method"]["name"] == "reviewkd" and options["loss_weight"] == RECIPE_LAMBDA[path.stem], path.stem
+        assert options["warmup_epochs"] == 20 and recipe["trainer"]["max_epochs"] == 240
+        slow = ("mobile", "shuffle")
+        assert recipe["optim"]["lr"] == (0.01 if any(k in student for k in slow) else 0.05), path.stem
+        s = kdistill.create_model(student)
+        t = kdistill.create_model(recipe["teachers"][0]["model"])
+        method = kdistill.build_method("reviewkd", student=s, teachers=[t], **options)
+        assert method.loss_weight == RECIPE_LAMBDA[path.stem]
+
+
+def test_imagenet_recipes():
+    expected = {"resnet34-resnet18": (1.0, 512), "resnet50-mobilenet_v1": (8.0, 256)}
+    for name, (lam, c_m) in expected.items():
+        recipe = yaml.safe_load((RECIPES / "imagenet" / "reviewkd" / f"{name}.yaml").read_text())
+        options = recipe["method"]["options"]
+        assert options["loss_weight"] == lam and options.get("mid_channels", 512) == c_m
+        assert options["warmup_epochs"] == 0 and options["student_preact"] and options["teacher_preact"]
+        assert recipe["optim"]["lr"] == 0.1 and recipe["optim"]["milestones"] == [30, 60, 90]
+        assert recipe["trainer"]["max_epochs"] == 100 and recipe["data"]["batch_size"] == 256
