@@ -202,6 +202,16 @@ def test_abf_zero_attention_averages_and_1x1_residual_is_constant():
     torch.testing.assert_close(const[..., 0, 0], 0.5 * res[..., 0, 0])
 
 
+def test_abf_sum_fusion_ablation():
+    abf = ABF(4, 6, 3, fuse=True, fusion="sum").eval()
+    assert abf.att_conv is None and sum(p.numel() for p in abf.parameters()) == _abf_params(4, 6, 3, False)
+    x, res = torch.randn(2, 4, 4, 4), torch.randn(2, 6, 2, 2)
+    _, fused = abf(x, res)
+    torch.testing.assert_close(fused, abf.conv1(x) + res.repeat_interleave(2, 2).repeat_interleave(2, 3))
+    with pytest.raises(ConfigError, match="fusion must be one of"):
+        ABF(4, 6, 3, fuse=True, fusion="concat")
+
+
 def test_abf_out_shape_attention_size_and_errors():
     abf = ABF(4, 6, 3, fuse=True)
     seen = {}
