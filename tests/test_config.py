@@ -77,3 +77,21 @@ def test_parse_override_value_types() -> None:
     assert build_config(None, ["optim.lr=1e-3"]).optim.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string
     assert parse_override("a=null") == ("a", None)
     assert parse_override("a=[1,2]") == ("a", [1, 2])
+
+
+def test_every_recipe_validates_and_carries_its_published_number() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from kdistill.config import recipes_dir
+
+    paths = sorted(Path(recipes_dir()).rglob("*.yaml"))
+    assert len(paths) > 100
+    for path in paths:
+        cfg = build_config(str(path))
+        raw = yaml.safe_load(path.read_text())
+        assert raw["description"], path
+        assert isinstance(cfg.published.get("top1"), float), path
+        if cfg.method.name != "ce":
+            assert cfg.teachers, path
