@@ -92,6 +92,8 @@ def test_every_recipe_validates_and_carries_its_published_number() -> None:
         cfg = build_config(str(path))
         raw = yaml.safe_load(path.read_text())
         assert raw["description"], path
-        assert isinstance(cfg.published.get("top1"), float), path
+        # a number, or an explicit null with the source saying why none is published
+        top1 = cfg.published["top1"]
+        assert isinstance(top1, float) or (top1 is None and cfg.published.get("source")), path
         if cfg.method.name != "ce":
             assert cfg.teachers, path
