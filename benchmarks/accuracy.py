@@ -36,7 +36,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 ROWS: dict[str, list[str]] = {
     "ce": ["method.name=ce"],
     "kd": ["method.name=kd"],
-    "reviewkd": ["method.name=reviewkd", "method.options.loss_weight=0.7", "method.options.warmup_epochs=1"],
+    "reviewkd": ["method.name=reviewkd", "method.options.loss_weight=0.6", "method.options.warmup_epochs=1"],
     "dkd": ["method.name=dkd", "method.options.beta=2.0", "method.options.warmup_epochs=1"],
     "fitnet": ["method.name=fitnet"],
     "at": ["method.name=at"],
@@ -85,7 +85,10 @@ def run_row(method: str, seed: int, args: argparse.Namespace, data_root: Path) -
     shown = "kdistill " + " ".join(shlex.quote(a) for a in argv)
     print(f"[{time.strftime('%H:%M:%S')}] {method} seed {seed}: {shown}", flush=True)
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "kdistill.cli", *argv], capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)  # avoids oversubscription when the machine is shared
+    proc = subprocess.run([sys.executable, "-m", "kdistill.cli", *argv], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
         raise SystemExit(f"row {method} seed {seed} failed with exit code {proc.returncode}")
@@ -108,7 +111,9 @@ def write_table(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
         "- Teacher: `../shared/teachers/resnet56_tiny100-32.pth` (51.02% val top-1, shared CIFAR layout).",
         f"- Budget: {args.epochs} epochs, batch 64, SGD Nesterov lr 0.05, cosine with 1 warm-up epoch, wd 5e-4; "
         "every row the same. Statistic: top-1 on val at the last epoch and the best epoch.",
-        f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}.",
+        f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+        f"{f', OMP_NUM_THREADS={args.threads}' if args.threads else ''}. Images/s and step times were measured "
+        "while other work shared the machine: compare them within this table only (benchmarks/speed.py measures speed).",
         "- Reproduce: `python benchmarks/accuracy.py` (resumable; rows cached in the JSON beside this file).",
         "",
         "| method | seeds | top-1 last (%) | top-1 best (%) | Δ last vs CE | train images/s | step time (ms) | peak memory (MiB) |",
@@ -142,12 +147,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(DEFAULT_ORDER))
     p.add_argument("--seeds", default="0")
-    p.add_argument("--per-class", type=int, default=100)
-    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--per-class", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--teacher", default=str(SHARED / "teachers" / "resnet56_tiny100-32.pth"))
     p.add_argument("--cache", default=os.environ.get("KDISTILL_CACHE", str(Path.home() / ".cache" / "kdistill")))
     p.add_argument("--runs", default=str(ROOT / "runs" / "bench-accuracy"))
     p.add_argument("--name", default="accuracy_tiny100")
+    p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for each row (0: torch's default)")
     args = p.parse_args()
     data_root = unpack_tiny100(Path(args.cache) / "data")
     RESULTS.mkdir(parents=True, exist_ok=True)
