@@ -102,6 +102,9 @@ def atomic_write(path: str | Path, write: Any) -> None:
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OSError(exc.errno, f"{exc.strerror or exc}; the previous file at this path is kept", str(path)) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

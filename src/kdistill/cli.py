@@ -18,7 +18,10 @@ import yaml
 from kdistill.checkpoint import CheckpointError
 from kdistill.utils import ConfigError
 
-EXIT_CONFIG = 2
+EXIT_CONFIG = 2  # bad configuration or input files; nothing was trained or written
+EXIT_NONFINITE = 3  # a loss became NaN/Inf; the last good checkpoint is kept
+EXIT_WRITE = 4  # a file could not be written (full disk, permissions); the previous file is kept
+EXIT_INTERRUPTED = 130
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -67,9 +70,12 @@ def cmd_fit(args: argparse.Namespace, command: str) -> int:
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
+    import lightning as L
+
     from kdistill.engine.build import build_run
     from kdistill.engine.run import fit
 
+    L.seed_everything(cfg.seed, verbose=False)  # model initialisation is part of the run: same on every rank
     built = build_run(cfg)  # every name, file and shape is checked before training starts
     _print_result(fit(cfg, resume=args.resume, built=built))
     return 0
@@ -172,6 +178,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as exc:
         print(f"kdistill {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print(f"kdistill {args.command}: interrupted; continue with --resume from the last checkpoint",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        from kdistill.engine.module import NonFiniteLossError
+
+        if isinstance(exc, NonFiniteLossError):
+            print(f"kdistill {args.command}: error: {exc}", file=sys.stderr)
+            return EXIT_NONFINITE
+        if isinstance(exc, OSError):
+            where = f" ({exc.filename})" if exc.filename else ""
+            print(f"kdistill {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+            return EXIT_WRITE
+        raise
 
 
 if __name__ == "__main__":

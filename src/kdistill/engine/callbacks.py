@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import pickle
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from kdistill.checkpoint import CheckpointError
 
 
 class Throughput(L.Callback):
@@ -58,10 +62,22 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OSError(exc.errno, f"{exc.strerror or exc} while writing checkpoint; the previous "
+                          "checkpoint at this path is kept", str(path)) from exc
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         # our own training checkpoints hold only tensors, numbers, strings and containers
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(f"refused to load checkpoint {str(path)!r}: it holds objects other than tensors "
+                                  f"and plain containers ({str(exc).splitlines()[0]})") from exc
+        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupted ({exc}); it was left as "
+                                  "it is. Resume from another checkpoint of the run (checkpoints/best-*.ckpt) by "
+                                  "copying it to last.ckpt, or start again without --resume") from exc

@@ -7,12 +7,16 @@ on the training device on whole batches (``BatchAugment``).
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torchmetrics.classification import MulticlassAccuracy
 
 from kdistill.config import Config
@@ -25,6 +29,40 @@ from kdistill.methods.base import Batch, StepInfo
 
 class NonFiniteLossError(RuntimeError):
     """Raised when a loss term becomes NaN or Inf; names the term and the step."""
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global RNG a step draws from (augmentation, dropout, CRD's negatives), in types that
+    ``torch.load(weights_only=True)`` accepts."""
+    np_name, np_keys, np_pos, np_gauss, np_cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (np_name, torch.from_numpy(np_keys.astype(np.int64)), int(np_pos), int(np_gauss), float(np_cached)),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore ``rng_state()``."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, pos, gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _average_grad(grad: Tensor) -> Tensor:
+    out = grad.clone()
+    dist.all_reduce(out)
+    return out.div_(dist.get_world_size())
 
 
 class DistillModule(L.LightningModule):
@@ -42,6 +80,41 @@ class DistillModule(L.LightningModule):
         self.steps_per_epoch = 1
         self.own: OwnOptimizerStep | None = None  # the method's own optimizer (MEAL's discriminators)
         self._own_state: dict[str, Any] | None = None
+        self._rng_state: dict[str, Any] | None = None
+        self._grad_hooks: list[Any] = []
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, self.ddp_ignored_names())
+
+    def ddp_ignored_names(self) -> list[str]:
+        """What DDP leaves alone: the frozen teachers (never wrapped: no broadcast of their weights or
+        buffers) and the method's own parameters, whose gradients ``on_fit_start`` averages itself
+        because their optimizer may step inside the forward pass (MEAL's discriminators)."""
+        own = {id(p) for p in self.distiller.method.own_parameters()}
+        names = [n for n, p in self.named_parameters() if id(p) in own]
+        for prefix, sub in (("distiller.teachers.", self.distiller.teachers),
+                            ("distiller.teacher_inputs.", self.distiller.teacher_inputs)):
+            names += [prefix + n for n, _ in sub.named_parameters()]
+            names += [prefix + n for n, _ in sub.named_buffers()]
+        return names
+
+    def sync_batchnorm_stats(self) -> None:
+        """Average the student's and the method's BatchNorm running statistics over the processes.
+
+        DDP runs without per-step buffer broadcasts (so teacher buffers and CRD's memory banks are never
+        overwritten by rank 0's), so each rank's running statistics drift apart during an epoch; they
+        are averaged before validation and checkpointing, so every rank evaluates and saves one model.
+        """
+        if not _distributed():
+            return
+        bufs = [b for part in (self.distiller.student, self.distiller.method) for m in part.modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                for b in (m.running_mean, m.running_var)]
+        if not bufs:
+            return
+        flat = torch.cat([b.reshape(-1).float() for b in bufs])
+        dist.all_reduce(flat)
+        flat.div_(dist.get_world_size())
+        for b, chunk in zip(bufs, flat.split([b.numel() for b in bufs]), strict=True):
+            b.copy_(chunk.view_as(b))
 
     @property
     def student(self) -> torch.nn.Module:
@@ -58,13 +131,30 @@ class DistillModule(L.LightningModule):
         self.own = OwnOptimizerStep(self.distiller.method)  # built on the training device
         if self._own_state:
             self.own.load_state_dict(self._own_state)
+        if _distributed() and not self._grad_hooks:
+            self._grad_hooks = [p.register_hook(_average_grad)
+                                for p in self.distiller.method.own_parameters() if p.requires_grad]
+
+    def on_train_start(self) -> None:
+        if self._rng_state is not None:  # resumed: draw the same augmentations as an uninterrupted run
+            set_rng_state(self._rng_state)
+            self._rng_state = None
+
+    def on_validation_epoch_start(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.sync_batchnorm_stats()
+
+    def on_train_epoch_end(self) -> None:
+        self.sync_batchnorm_stats()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.own is not None:
             checkpoint["own_optimizer"] = self.own.state_dict()
+        checkpoint["rng_state"] = rng_state()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._own_state = checkpoint.get("own_optimizer")
+        self._rng_state = checkpoint.get("rng_state")
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.own is not None:
@@ -122,4 +212,4 @@ class DistillModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         lr = self.optimizers().param_groups[0]["lr"] if self.trainer.optimizers else math.nan
-        self.log("train/lr", lr, on_step=False, on_epoch=True)
+        self.log("train/lr", lr, on_step=False, on_epoch=True, sync_dist=True)

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from kdistill.checkpoint import CheckpointError, load_weights, read_card, save_student
-from kdistill.config import Config
+from kdistill.config import Config, TrainerConfig
 from kdistill.data import DataBundle, ImageTensors, make_loader
 from kdistill.engine.build import Built, build_run, load_data
 from kdistill.engine.callbacks import AtomicCheckpointIO, Throughput
@@ -41,8 +41,25 @@ class TensorDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
         t = self.trainer
-        return make_loader(self.data.val, self.cfg.data.eval_batch_size, False, 0,
-                           t.global_rank, t.world_size, self.cfg.data.num_workers)
+        sampler = EvalShard(len(self.data.val), self.cfg.data.eval_batch_size, t.global_rank, t.world_size)
+        return torch.utils.data.DataLoader(self.data.val, batch_size=None, sampler=sampler,
+                                           num_workers=self.cfg.data.num_workers)
+
+
+class EvalShard(torch.utils.data.Sampler[list[int]]):
+    """Rank ``rank``'s share of the validation rows, in order, without padding: every sample is
+    counted exactly once over all ranks, so the reduced accuracy is the accuracy on the whole split."""
+
+    def __init__(self, size: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.rows = list(range(rank, size, world_size))
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-len(self.rows) // self.batch_size)
+
+    def __iter__(self):
+        for start in range(0, len(self.rows), self.batch_size):
+            yield self.rows[start : start + self.batch_size]
 
 
 class History(L.Callback):
@@ -113,8 +130,29 @@ def card_for(cfg: Config, data: DataBundle, metrics: dict[str, Any]) -> dict[str
         "method": cfg.method.name,
         "teachers": [t.model for t in cfg.teachers],
         "metrics": metrics,
+        "skipped_images": data.skipped,
         "recipe": cfg.to_dict(),
     }
+
+
+DDP_NAMES = ("ddp", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false")
+
+
+def make_strategy(t: TrainerConfig) -> Any:
+    """``ddp`` becomes DDP without per-step buffer broadcasts: rank 0 must not overwrite the other
+    ranks' teacher buffers or CRD memory banks (kept identical by their own all-gather); the
+    student's BatchNorm statistics are averaged before each validation instead
+    (``DistillModule.sync_batchnorm_stats``). Other strategy names pass through to Lightning."""
+    if t.strategy in DDP_NAMES:
+        import inspect
+
+        from lightning.pytorch.strategies import DDPStrategy
+        from torch.nn.parallel import DistributedDataParallel
+
+        new = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        no_sync = {"forward_sync_buffers": False} if new else {"broadcast_buffers": False}
+        return DDPStrategy(find_unused_parameters=t.strategy.endswith("_true"), **no_sync)
+    return t.strategy
 
 
 def make_trainer(cfg: Config, out: Path, callbacks: list[L.Callback], enable_checkpoints: bool = True) -> L.Trainer:
@@ -128,7 +166,7 @@ def make_trainer(cfg: Config, out: Path, callbacks: list[L.Callback], enable_che
                                 ("limit_val_batches", t.limit_val_batches)) if v is not None}
     return L.Trainer(
         max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-        strategy=t.strategy, precision=t.precision, log_every_n_steps=t.log_every_n_steps,
+        strategy=make_strategy(t), precision=t.precision, log_every_n_steps=t.log_every_n_steps,
         check_val_every_n_epoch=t.check_val_every_n_epoch, gradient_clip_val=t.gradient_clip_val,
         callbacks=[*callbacks, ckpt] if enable_checkpoints else callbacks, logger=loggers,
         plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
@@ -157,6 +195,7 @@ def fit(cfg: Config, resume: bool = False, built: Built | None = None) -> RunRes
         if not last.is_file():
             raise ConfigError(f"--resume: no checkpoint at {str(last)!r}")
         ckpt_path = str(last)
+        AtomicCheckpointIO().load_checkpoint(last)  # refuse a damaged checkpoint before touching the folder
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     (out / "run.json").write_text(json.dumps(card_for(cfg, built.data, {}), indent=2, default=str))
     start = time.perf_counter()

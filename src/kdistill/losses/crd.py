@@ -17,6 +17,10 @@ Differences from the reference implementations (spec §8):
   does not know the labels;
 * #5 the normalisers ``Z`` are fixed by the first batch (faithful) and kept in buffers, so a
   resumed run keeps them.
+
+Under ``torch.distributed`` (DDP) every process keeps a full copy of both banks: the update
+all-gathers the batch indices and embeddings of all processes, so every copy receives the same
+writes and the banks stay identical; ``Z`` is set from the mean over all processes' first batches.
 """
 
 from __future__ import annotations
@@ -24,10 +28,28 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 SAMPLING_MODES = ("fast", "exact")
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _all_gather_rows(x: Tensor) -> Tensor:
+    """Rows of ``x`` from every process, concatenated in rank order (batch sizes may differ)."""
+    world = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    most = int(max(s.item() for s in sizes))
+    padded = torch.zeros(most, *x.shape[1:], dtype=x.dtype, device=x.device)
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(n.item())] for part, n in zip(parts, sizes, strict=True)])
 
 
 def crd_nce_loss(probs: Tensor, num_data: int, eps: float = 1e-7) -> Tensor:
@@ -86,6 +108,7 @@ class ContrastMemory(nn.Module):
             self.register_buffer(name, torch.rand(num_data, feat_dim).mul_(2 * bound).sub_(bound))
         self.register_buffer("z_student", torch.tensor(-1.0))
         self.register_buffer("z_teacher", torch.tensor(-1.0))
+        self._z_agreed = False  # under DDP: the first training forward averages Z's candidates
 
     def sample(self, index: Tensor) -> Tensor:
         """Indices B×(K+1): column 0 the positive ``index``, then K negatives never equal to it.
@@ -132,8 +155,13 @@ class ContrastMemory(nn.Module):
             scores_s = torch.exp(self._dot(bank_t, idx, emb_s) / self.temperature)
             scores_t = torch.exp(self._dot(bank_s, idx, emb_t) / self.temperature)
             with torch.no_grad():  # set once (still negative = unset), without a host sync
-                for z, scores in ((self.z_student, scores_s), (self.z_teacher, scores_t)):
-                    z.copy_(torch.where(z < 0, scores.mean() * self.num_data, z))
+                means = torch.stack([scores_s.mean(), scores_t.mean()]).detach()
+                if self.training and not self._z_agreed and _world_size() > 1:
+                    dist.all_reduce(means)  # every process reaches its first step together
+                    means /= _world_size()
+                    self._z_agreed = True
+                for z, mean in ((self.z_student, means[0]), (self.z_teacher, means[1])):
+                    z.copy_(torch.where(z < 0, mean * self.num_data, z))
             # copies: autograd keeps Z for the backward, and the buffers are written in place
             probs_s = scores_s / self.z_student.clone()
             probs_t = scores_t / self.z_teacher.clone()
@@ -147,12 +175,29 @@ class ContrastMemory(nn.Module):
 
         Out of place: this step's scores were computed from the old banks, which their backward
         pass still needs (the reference gathers copies of the B×(K+1) rows instead, which costs far
-        more memory than one copy of the bank).
+        more memory than one copy of the bank). Under DDP the rows of all processes are gathered
+        first; a row sent by two processes (a padded shard) is written once, from the lowest rank.
         """
+        if _world_size() > 1:
+            index, emb_student, emb_teacher = self._gather(index, emb_student, emb_teacher)
         for name, emb in (("memory_student", emb_student), ("memory_teacher", emb_teacher)):
             bank = getattr(self, name)
             rows = bank[index] * self.momentum + emb.detach().to(bank.dtype) * (1 - self.momentum)
             setattr(self, name, bank.index_copy(0, index, F.normalize(rows, dim=1)))
+
+    @staticmethod
+    def _gather(index: Tensor, emb_student: Tensor, emb_teacher: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """All processes' (index, embeddings), duplicates of an index dropped (first one kept)."""
+        d = emb_student.shape[1]
+        packed = torch.cat([emb_student.detach(), emb_teacher.detach().to(emb_student.dtype)], 1)
+        index = _all_gather_rows(index)
+        packed = _all_gather_rows(packed)
+        order = torch.sort(index, stable=True).indices
+        ordered = index[order]
+        first = torch.ones_like(ordered, dtype=torch.bool)
+        first[1:] = ordered[1:] != ordered[:-1]
+        keep = order[first]
+        return index[keep], packed[keep, :d], packed[keep, d:]
 
     def extra_repr(self) -> str:
         return (
