@@ -98,9 +98,12 @@ class TrainerConfig:
 
 @dataclass
 class TeacherRunConfig:
-    """How teachers run: the precision of their inference pass (``32``, or ``bf16`` autocast)."""
+    """How teachers run: the precision of their inference pass (``32``, or ``bf16`` autocast), their
+    memory format, and an optional teacher-output cache folder (``kdistill cache-teacher``)."""
 
     precision: str = "32"
+    channels_last: bool = False
+    cache: str | None = None
 
 
 @dataclass

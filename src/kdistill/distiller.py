@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from kdistill.features import FeatureRecorder
 from kdistill.methods.base import Batch, Method, ModelOutput, StepInfo
+from kdistill.utils import ConfigError
 
 
 class Renormalize(nn.Module):
@@ -49,6 +50,23 @@ class Distiller(nn.Module):
             teacher.eval()
         self._student_taps = method.student_taps(student)
         self._teacher_taps = [method.teacher_taps(t) for t in self.teachers]
+        self.teacher_precision = "32"
+        self.teacher_channels_last = False
+
+    def configure_teachers(self, precision: str = "32", channels_last: bool = False) -> None:
+        """How the teacher pass runs: ``precision`` ``"32"`` or ``"bf16"`` (autocast around the teachers
+        alone; outputs are returned as float32), and the channels-last memory format (issue 6)."""
+        if precision not in ("32", "bf16"):
+            raise ConfigError(f"teacher precision must be '32' or 'bf16', got {precision!r}")
+        self.teacher_precision = precision
+        self.teacher_channels_last = bool(channels_last)
+        for teacher in self.teachers:
+            teacher.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+    @property
+    def needs_teacher_features(self) -> bool:
+        """Whether the method reads teacher features (then a logit cache cannot replace the teachers)."""
+        return any(self._teacher_taps)
 
     def train(self, mode: bool = True) -> Distiller:
         super().train(mode)
@@ -71,11 +89,14 @@ class Distiller(nn.Module):
         """One inference pass of teacher ``index`` with its taps (features detached)."""
         teacher = self.teachers[index]
         x = self.teacher_inputs[index](images)
+        if self.teacher_channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         taps = self._teacher_taps[index]
-        if not taps:
-            return ModelOutput(teacher(x))
-        with FeatureRecorder(teacher, taps, detach=True) as rec:
-            logits = teacher(x)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.teacher_precision == "bf16"):
+            if not taps:
+                return ModelOutput(teacher(x))
+            with FeatureRecorder(teacher, taps, detach=True) as rec:
+                logits = teacher(x)
         return ModelOutput(logits, rec.features)
 
     def student_forward(self, images: Tensor) -> ModelOutput:
@@ -113,8 +134,12 @@ class Distiller(nn.Module):
 
     @staticmethod
     def _clone_out(out: ModelOutput) -> ModelOutput:
-        # inference-mode tensors cannot enter autograd graphs; a plain view-free copy can
-        return ModelOutput(out.logits.clone(), {k: v.clone() for k, v in out.features.items()})
+        # inference-mode tensors cannot enter autograd graphs; a plain view-free copy can. Half
+        # precision outputs (teacher.precision=bf16) are returned as float32 for the losses.
+        def copy(t: Tensor) -> Tensor:
+            return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t.clone()
+
+        return ModelOutput(copy(out.logits), {k: copy(v) for k, v in out.features.items()})
 
     def forward(self, images: Tensor) -> Tensor:
         """Inference: the student alone."""
