@@ -27,6 +27,23 @@ class CheckpointError(ConfigError):
     """A weights file that cannot be used: unreadable, unsafe, or not matching the model."""
 
 
+def unpickling_error(path: str | Path, exc: pickle.UnpicklingError, what: str = "") -> CheckpointError:
+    """The message for a file ``torch.load(weights_only=True)`` would not unpickle: either it names
+    code (a class or function to call, never run here) or it is not pickle data at all."""
+    text = str(exc)
+    detail = next((line.strip() for line in text.splitlines()[1:] if "Unsupported" in line), text.splitlines()[0])
+    if "Unsupported global" in text:
+        return CheckpointError(
+            f"refused to load {what}{str(path)!r}: it holds objects other than tensors and plain containers, "
+            "and unpickling them could run code. Re-save its state_dict, or convert it to safetensors. "
+            f"(detail: {detail})"
+        )
+    return CheckpointError(
+        f"refused to load {what}{str(path)!r}: it is not a PyTorch weights file that loads without unpickling "
+        f"arbitrary objects (it is damaged, or a pickle that could run code); nothing in it was run ({detail})"
+    )
+
+
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """The tensors of a safetensors or PyTorch file (a training checkpoint, a shared CIFAR
     teacher ``{"model": ...}``, or a bare state dict), ``module.`` prefixes stripped."""
@@ -42,11 +59,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            raise CheckpointError(
-                f"refused to load {str(path)!r}: it holds objects other than tensors and plain containers, "
-                "and unpickling them could run code. Re-save its state_dict, or convert it to safetensors. "
-                f"(detail: {str(exc).splitlines()[0]})"
-            ) from exc
+            raise unpickling_error(path, exc) from exc
         except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
             raise CheckpointError(f"{str(path)!r} is truncated or not a PyTorch weights file ({exc})") from exc
     if isinstance(state, Mapping):

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from kdistill.checkpoint import CheckpointError
+from kdistill.checkpoint import CheckpointError, unpickling_error
 
 
 class Throughput(L.Callback):
@@ -75,8 +75,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             return torch.load(path, map_location=map_location or "cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            raise CheckpointError(f"refused to load checkpoint {str(path)!r}: it holds objects other than tensors "
-                                  f"and plain containers ({str(exc).splitlines()[0]})") from exc
+            raise unpickling_error(path, exc, "checkpoint ") from exc
         except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupted ({exc}); it was left as "
                                   "it is. Resume from another checkpoint of the run (checkpoints/best-*.ckpt) by "
