@@ -99,6 +99,34 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache_teacher(args: argparse.Namespace) -> int:
+    """Precompute the teachers' logits for K augmented views of every training image (issue 6)."""
+    cfg = _resolve(args, "distill")
+    if args.print_config:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    if not cfg.teachers:
+        raise ConfigError("kdistill cache-teacher needs a teacher: set teachers (or teacher.model=... teacher.checkpoint=...)")
+    import lightning as L
+    import torch
+
+    from kdistill.engine.build import build_run
+    from kdistill.engine.teacher_cache import build_teacher_cache
+
+    cfg.teacher.cache = None  # building a cache never reads one
+    L.seed_everything(cfg.seed, verbose=False)  # as kdistill distill does: an untrained teacher initialises alike
+    built = build_run(cfg)
+    if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda"):
+        built.distiller.cuda()
+    cache = build_teacher_cache(built.distiller, built.data.train, built.augment, args.out, views=args.views,
+                                storage=args.storage, topk=args.topk, batch_size=args.batch_size, seed=cfg.seed)
+    m = cache.manifest
+    print(f"cached {len(cache.params)} images x {m['views']} views x {cache.num_teachers} teacher(s) "
+          f"({m['storage']}) in {m['build_seconds']:.0f}s -> {args.out}")
+    print(f"use it with: kdistill distill <same recipe and overrides> teacher.cache={args.out}")
+    return 0
+
+
 def cmd_recipes(args: argparse.Namespace) -> int:
     from kdistill.config import recipes_dir
 
@@ -142,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="run folder, student .safetensors or .ckpt")
     p.add_argument("--out", required=True, help="output path, e.g. student.safetensors")
     p.add_argument("--onnx", action="store_true", help="also write <out>.onnx")
+    p = sub.add_parser("cache-teacher", help="precompute teacher logits for K augmented views of every training image")
+    _add_recipe_args(p)
+    p.add_argument("--views", type=int, default=8, help="augmented views per image (default 8)")
+    p.add_argument("--out", required=True, help="cache folder (then distill with teacher.cache=DIR)")
+    p.add_argument("--storage", default="fp16", choices=["fp16", "fp32", "topk"], help="logit storage (default fp16)")
+    p.add_argument("--topk", type=int, default=10, help="classes kept per view with --storage topk")
+    p.add_argument("--batch-size", type=int, default=256, help="teacher batch size while building")
     p = sub.add_parser("recipes", help="list the YAML recipes with their descriptions")
     p.add_argument("filter", nargs="?", help="only names containing this text")
     p = sub.add_parser("demo", help="teacher, plain student and KD student on synthetic (or your) data")
@@ -174,7 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in ("train", "distill"):
             return cmd_fit(args, args.command)
-        return {"eval": cmd_eval, "export": cmd_export, "recipes": cmd_recipes, "demo": cmd_demo}[args.command](args)
+        commands = {"eval": cmd_eval, "export": cmd_export, "recipes": cmd_recipes, "demo": cmd_demo,
+                    "cache-teacher": cmd_cache_teacher}
+        return commands[args.command](args)
     except (ConfigError, CheckpointError) as exc:
         print(f"kdistill {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

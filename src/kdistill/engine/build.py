@@ -12,6 +12,7 @@ from kdistill.checkpoint import load_weights
 from kdistill.config import Config, ModelConfig
 from kdistill.data import BatchAugment, DataBundle, build_data
 from kdistill.distiller import Distiller, Renormalize
+from kdistill.engine.teacher_cache import TeacherCache, load_teacher_cache
 from kdistill.methods import build_method, method_options
 from kdistill.models import create_model
 from kdistill.utils import ConfigError
@@ -26,6 +27,7 @@ class Built:
     data: DataBundle
     distiller: Distiller
     augment: BatchAugment
+    teacher_cache: TeacherCache | None = None
 
 
 def load_data(cfg: Config) -> DataBundle:
@@ -97,4 +99,6 @@ def build_run(cfg: Config, data: DataBundle | None = None) -> Built:
     )
     distiller = Distiller(student, teachers, method, teacher_inputs)
     augment = BatchAugment(data.mean, data.std, padding=4 if cfg.data.augment else 0, flip=cfg.data.augment)
-    return Built(data, distiller, augment)
+    distiller.configure_teachers(cfg.teacher.precision, cfg.teacher.channels_last)
+    cache = load_teacher_cache(cfg.teacher.cache, distiller, data.train, augment) if cfg.teacher.cache else None
+    return Built(data, distiller, augment, cache)

@@ -23,6 +23,7 @@ from kdistill.config import Config
 from kdistill.data import BatchAugment
 from kdistill.distiller import Distiller
 from kdistill.engine.schedule import lr_factor
+from kdistill.engine.teacher_cache import TeacherCache
 from kdistill.methods.adversarial import OwnOptimizerStep
 from kdistill.methods.base import Batch, StepInfo
 
@@ -68,11 +69,19 @@ def _average_grad(grad: Tensor) -> Tensor:
 class DistillModule(L.LightningModule):
     """Trains ``distiller.student`` (and the method's modules) with the configured optimizer."""
 
-    def __init__(self, cfg: Config, distiller: Distiller, augment: BatchAugment, num_classes: int):
+    def __init__(
+        self,
+        cfg: Config,
+        distiller: Distiller,
+        augment: BatchAugment,
+        num_classes: int,
+        teacher_cache: TeacherCache | None = None,
+    ):
         super().__init__()
         self.cfg = cfg
         self.distiller = distiller
         self.augment = augment
+        self.teacher_cache = teacher_cache  # cached teacher logits of K views per image (issue 6)
         self.num_classes = num_classes
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
@@ -125,6 +134,8 @@ class DistillModule(L.LightningModule):
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Batch:
         images, targets, index = batch
+        if self.teacher_cache is not None and self.training:
+            return Batch(images, targets, index)  # uint8: training_step augments with the drawn cached views
         return Batch(self.augment(images, train=self.training and self.cfg.data.augment), targets, index)
 
     def on_fit_start(self) -> None:
@@ -166,7 +177,12 @@ class DistillModule(L.LightningModule):
         if self.own is not None and self.own.optimizer is not None:
             self.own.sync_lr(self.optimizers().optimizer)
             own_step = self.own.separate_step
-        logits, losses = self.distiller.forward_train(batch, info, own_step=own_step)
+        teacher_outputs = None
+        if self.teacher_cache is not None:
+            # one cached view per sample decides both the student's crop/flip and the teacher logits
+            selected = self.distiller.method.select_teachers(info)
+            batch, teacher_outputs = self.teacher_cache.training_batch(batch, self.augment, selected)
+        logits, losses = self.distiller.forward_train(batch, info, teacher_outputs=teacher_outputs, own_step=own_step)
         for name, value in losses.items():
             if not torch.isfinite(value).all():
                 raise NonFiniteLossError(

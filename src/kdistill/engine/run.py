@@ -183,7 +183,7 @@ def fit(cfg: Config, resume: bool = False, built: Built | None = None) -> RunRes
         built.distiller.student.compile()
         for teacher in built.distiller.teachers:
             teacher.compile()
-    module = DistillModule(cfg, built.distiller, built.augment, built.data.num_classes)
+    module = DistillModule(cfg, built.distiller, built.augment, built.data.num_classes, built.teacher_cache)
     dm = TensorDataModule(built.data, cfg)
     history, speed = History(), Throughput()
     trainer = make_trainer(cfg, out, [history, speed])
