@@ -22,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from kdistill.config import Config
 from kdistill.data import BatchAugment
 from kdistill.distiller import Distiller
+from kdistill.engine.allocator import keep_freed_memory
 from kdistill.engine.schedule import lr_factor
 from kdistill.engine.teacher_cache import TeacherCache
 from kdistill.methods.adversarial import OwnOptimizerStep
@@ -139,6 +140,8 @@ class DistillModule(L.LightningModule):
         return Batch(self.augment(images, train=self.training and self.cfg.data.augment), targets, index)
 
     def on_fit_start(self) -> None:
+        if self.device.type == "cpu":
+            keep_freed_memory()  # no page faults on re-allocating each step's activations (issue 6)
         self.own = OwnOptimizerStep(self.distiller.method)  # built on the training device
         if self._own_state:
             self.own.load_state_dict(self._own_state)
