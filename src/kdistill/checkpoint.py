@@ -67,7 +67,10 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             if key in state and isinstance(state[key], Mapping):
                 state = state[key]
                 break
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+    # modules may keep plain extra state (MEAL's selection generator) under "<module>._extra_state"
+    if not isinstance(state, Mapping) or not all(
+        isinstance(v, Tensor) or str(k).endswith("_extra_state") for k, v in state.items()
+    ):
         raise CheckpointError(f"{str(path)!r} does not contain a state dict of tensors")
     return {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}
 
@@ -91,7 +94,7 @@ def load_weights(model: nn.Module, path: str | Path, prefix: str = "") -> nn.Mod
     mismatched = [
         f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
         for k in own
-        if k in state and state[k].shape != own[k].shape
+        if k in state and isinstance(state[k], Tensor) and isinstance(own[k], Tensor) and state[k].shape != own[k].shape
     ]
     if missing or unexpected or mismatched:
         name = getattr(model, "kdistill_name", type(model).__name__)

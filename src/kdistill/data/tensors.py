@@ -114,7 +114,10 @@ def make_loader(
     """A DataLoader yielding ``(uint8 images, targets, indices)`` batches from ``data``."""
     sampler = BatchSampler(len(data), batch_size, shuffle=train, drop_last=train and len(data) >= batch_size,
                            seed=seed, rank=rank, world_size=world_size)
-    return torch.utils.data.DataLoader(data, batch_size=None, sampler=sampler, num_workers=num_workers)
+    # its own generator: creating an iterator then draws no number from the global RNG, so a resumed
+    # run's augmentations (global RNG, restored from the checkpoint) match an uninterrupted run's
+    return torch.utils.data.DataLoader(data, batch_size=None, sampler=sampler, num_workers=num_workers,
+                                       generator=torch.Generator().manual_seed(seed))
 
 
 class BatchAugment(nn.Module):

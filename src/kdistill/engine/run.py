@@ -43,7 +43,7 @@ class TensorDataModule(L.LightningDataModule):
         t = self.trainer
         sampler = EvalShard(len(self.data.val), self.cfg.data.eval_batch_size, t.global_rank, t.world_size)
         return torch.utils.data.DataLoader(self.data.val, batch_size=None, sampler=sampler,
-                                           num_workers=self.cfg.data.num_workers)
+                                           num_workers=self.cfg.data.num_workers, generator=torch.Generator())
 
 
 class EvalShard(torch.utils.data.Sampler[list[int]]):
@@ -157,10 +157,14 @@ def make_strategy(t: TrainerConfig) -> Any:
 
 def make_trainer(cfg: Config, out: Path, callbacks: list[L.Callback], enable_checkpoints: bool = True) -> L.Trainer:
     t = cfg.trainer
-    ckpt = ModelCheckpoint(
+    best = ModelCheckpoint(
         dirpath=out / "checkpoints", filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
-        monitor="val/top1", mode="max", save_top_k=1, save_last=True,
+        monitor="val/top1", mode="max", save_top_k=1,
     )
+    # its own callback: Lightning's save_last only writes when a new best was saved, so a run whose
+    # accuracy stalls would resume from a stale epoch
+    last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1, monitor=None,
+                           every_n_epochs=1, enable_version_counter=False)
     loggers = [CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="tb", version="")]
     extra = {k: v for k, v in (("limit_train_batches", t.limit_train_batches),
                                 ("limit_val_batches", t.limit_val_batches)) if v is not None}
@@ -168,7 +172,7 @@ def make_trainer(cfg: Config, out: Path, callbacks: list[L.Callback], enable_che
         max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         strategy=make_strategy(t), precision=t.precision, log_every_n_steps=t.log_every_n_steps,
         check_val_every_n_epoch=t.check_val_every_n_epoch, gradient_clip_val=t.gradient_clip_val,
-        callbacks=[*callbacks, ckpt] if enable_checkpoints else callbacks, logger=loggers,
+        callbacks=[*callbacks, best, last] if enable_checkpoints else callbacks, logger=loggers,
         plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
         enable_progress_bar=t.progress_bar, enable_model_summary=False, num_sanity_val_steps=0, **extra,
     )
