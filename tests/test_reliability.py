@@ -27,6 +27,16 @@ TINY = ["data.num_classes=4", "data.train_size=96", "data.val_size=48", "data.im
         "optim.schedule=constant"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread, and the kill/resume comparison needs the same thread
+    count in this process and in the ``kdistill`` subprocesses (``OMP_NUM_THREADS=1``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def snapshot(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` with the hash of its bytes."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -55,7 +65,7 @@ def good_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --- kill and resume ---------------------------------------------------------------------------
 
 KILL = ["distill", "model=cifar.resnet8", "method.name=meal_v1", "teacher.model=cifar.resnet8",
-        "data.num_classes=4", "data.train_size=1536", "data.val_size=32", "data.image_size=16",
+        "data.num_classes=4", "data.train_size=384", "data.val_size=32", "data.image_size=16",
         "data.batch_size=16", "data.eval_batch_size=32", "trainer.max_epochs=2", "trainer.progress_bar=false",
         "optim.lr=0.05", "optim.milestones=[1]", "optim.gamma=0.5"]
 
@@ -63,7 +73,7 @@ KILL = ["distill", "model=cifar.resnet8", "method.name=meal_v1", "teacher.model=
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     # the run killed during its second epoch
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "kdistill.cli", *KILL, f"output={killed}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     last = killed / "checkpoints" / "last.ckpt"
