@@ -272,6 +272,42 @@ def measure_teacher(pair: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def measure_epoch(pair: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Whole KD epochs through the engine (``kdistill distill``'s ``fit``) without and with the teacher
+    cache, alternating; synthetic 32×32 data, ``--epoch-batches`` training batches, one small val batch."""
+    import torch
+
+    from kdistill.config import build_config
+    from kdistill.engine.build import build_run
+    from kdistill.engine.run import fit
+    from kdistill.engine.teacher_cache import build_teacher_cache
+
+    teacher, student = PAIRS[pair]
+    tmp = Path(args.tmp) / f"epoch-{pair}"
+    common = ["data.name=synthetic", f"data.num_classes={NUM_CLASSES}", f"data.train_size={args.batch * args.epoch_batches}",
+              f"data.val_size={args.batch}", f"data.batch_size={args.batch}", f"data.eval_batch_size={args.batch}",
+              f"model={student}", f"teacher.model={teacher}", "method.name=kd", "trainer.max_epochs=1",
+              "trainer.progress_bar=false", "trainer.accelerator=cpu"]
+    torch.manual_seed(0)
+    built = build_run(build_config(None, [*common, f"output={tmp / 'build'}"]))
+    cache_dir = tmp / "cache"
+    build_teacher_cache(built.distiller, built.data.train, built.augment, cache_dir, views=2, batch_size=args.batch)
+    runs: dict[str, list[dict[str, float]]] = {"teacher": [], "cache": []}
+    load0 = os.getloadavg()
+    for _ in range(args.epoch_repeats):
+        for kind in ("teacher", "cache"):
+            extra = [f"teacher.cache={cache_dir}"] if kind == "cache" else []
+            cfg = build_config(None, [*common, *extra, f"output={tmp / kind}"])
+            torch.manual_seed(0)
+            b = build_run(cfg)  # same seed: the same teacher weights as the cache's
+            c0 = time.process_time()
+            result = fit(cfg, built=b)
+            runs[kind].append({"images_per_s": result.images_per_s, "cpu_s": time.process_time() - c0, "wall_s": result.seconds})
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("images_per_s", "cpu_s", "wall_s")} for k, v in runs.items()}
+    return {"pair": pair, "method": "epoch", "runs": runs, "median": med, "batches": args.epoch_batches,
+            "load": [load0, os.getloadavg()]}
+
+
 # --- the parent: rows, cache, report -----------------------------------------------------------------
 
 def row_key(pair: str, method: str) -> str:
@@ -287,7 +323,9 @@ def write_report(path: Path, rows: dict[str, Any], meta: dict[str, Any]) -> None
         "# Speed: training-step time per method against the floors (issue 6)",
         "",
         f"Machine: {meta['machine']}",
-        f"Command: `{meta['command']}`",
+        "Commands (in order; rows are cached and resumed):",
+        *[f"    {c}" for c in meta.get("commands", [meta["command"]])],
+        "",
         f"Settings: batch {meta['batch']}, 32×32, 100 classes, {meta['threads']} intra-op thread(s), device {meta['device']}; "
         f"measured steps per row in column n, after {meta['warmup']} warm-up steps, interleaved; medians; "
         f"CPU allocator: {meta['allocator']} (keep = glibc keeps freed memory between steps, as the engine sets).",
@@ -303,7 +341,7 @@ def write_report(path: Path, rows: dict[str, Any], meta: dict[str, Any]) -> None
     ]
     for key in sorted(rows):
         r = rows[key]
-        if r["method"] == "teacher" or "error" in r:
+        if r["method"] in ("teacher", "epoch") or "error" in r:
             continue
         t = r["times"]
         s, te = t["student"]["cpu_ms"], t["teacher"]["cpu_ms"]
@@ -336,6 +374,19 @@ def write_report(path: Path, rows: dict[str, Any], meta: dict[str, Any]) -> None
             t = r["times"]
             lines.append(f"| {r['pair']} | {fmt(t['method']['cpu_ms'])} | {fmt(t['cached']['cpu_ms'])} | "
                          f"**{t['method']['cpu_ms'] / t['cached']['cpu_ms']:.2f}×** | {t['method']['wall_ms'] / t['cached']['wall_ms']:.2f}× |")
+    epoch_rows = [r for r in rows.values() if r["method"] == "epoch" and "error" not in r]
+    if epoch_rows:
+        lines += ["", "## Whole KD epochs through the engine (`fit`), without and with `teacher.cache`", "",
+                  "Synthetic 32×32 data; each epoch is the listed number of training batches plus one validation batch and "
+                  "the checkpoint writes; medians of alternating runs.", "",
+                  "| pair | batches | train images/s (teacher) | train images/s (cache) | **speed-up (images/s)** | "
+                  "process CPU s (teacher) | process CPU s (cache) | speed-up (CPU) | load |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in epoch_rows:
+            t, c = r["median"]["teacher"], r["median"]["cache"]
+            lines.append(f"| {r['pair']} | {r['batches']} | {t['images_per_s']:.1f} | {c['images_per_s']:.1f} | "
+                         f"**{c['images_per_s'] / t['images_per_s']:.2f}×** | {t['cpu_s']:.1f} | {c['cpu_s']:.1f} | "
+                         f"{t['cpu_s'] / c['cpu_s']:.2f}× | {r['load'][0][0]:.1f}→{r['load'][1][0]:.1f} |")
     teacher_rows = [r for r in rows.values() if r["method"] == "teacher" and "error" not in r]
     if teacher_rows:
         lines += ["", "## Teacher pass: fp32, channels_last, bf16 autocast (`teacher.precision=bf16`)", "",
@@ -362,6 +413,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--teacher-steps", type=int, default=3, help="measured passes per teacher variant (bf16 is slow without native bf16)")
     parser.add_argument("--agreement-images", type=int, default=512)
+    parser.add_argument("--epoch-batches", type=int, default=10, help="training batches per epoch in the epoch rows")
+    parser.add_argument("--epoch-repeats", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
@@ -381,20 +434,25 @@ def main() -> None:
 
             keep_freed_memory()  # as the engine does on CPU
         pair, method = args.row
-        result = measure_teacher(pair, args) if method == "teacher" else measure_method(pair, method, args)
+        measure = {"teacher": measure_teacher, "epoch": measure_epoch}.get(method, measure_method)
+        result = measure(pair, args)
         print("ROW " + json.dumps(result))
         return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     store = out.with_suffix(".json")
-    rows: dict[str, Any] = {} if args.fresh or not store.is_file() else json.loads(store.read_text())["rows"]
+    old = {} if args.fresh or not store.is_file() else json.loads(store.read_text())
+    rows: dict[str, Any] = old.get("rows", {})
     passthrough = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--teacher-steps", str(args.teacher_steps),
                    "--agreement-images", str(args.agreement_images), "--batch", str(args.batch),
+                   "--epoch-batches", str(args.epoch_batches), "--epoch-repeats", str(args.epoch_repeats),
                    "--threads", str(args.threads), "--device", args.device, "--tmp", args.tmp,
                    "--allocator", args.allocator]
     meta = {"machine": machine_line(), "command": "python benchmarks/speed.py " + shlex.join(sys.argv[1:]),
             "batch": args.batch, "threads": args.threads, "device": args.device, "steps": args.steps, "warmup": args.warmup,
             "allocator": args.allocator}
+    earlier = old.get("meta", {}).get("commands", [old["meta"]["command"]] if "meta" in old else [])
+    meta["commands"] = [*earlier, meta["command"]]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT / "src")}
     for pair in args.pairs.split(","):
         for method in args.methods.split(","):
