@@ -9,7 +9,6 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
 $(BIN)/kdistill: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PINS)
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(BIN)/kdistill
