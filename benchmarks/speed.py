@@ -208,16 +208,16 @@ def tiny100_val(limit: int) -> tuple[Any, list[float], list[float]] | None:
     import torch
     from PIL import Image
 
-    images, labels = [], []
+    found = []
     with tarfile.open(archive) as tar:
-        classes: dict[str, int] = {}
         for member in tar:
             parts = member.name.split("/")
             if len(parts) == 4 and parts[1] == "val" and member.isfile():
-                label = classes.setdefault(parts[2], len(classes))
                 img = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
-                images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
-                labels.append(label)
+                found.append((parts[2], parts[3], torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)))
+    found.sort(key=lambda f: (f[0], f[1]))
+    classes = {name: i for i, name in enumerate(sorted({f[0] for f in found}))}  # ImageFolder's label order
+    images, labels = [f[2] for f in found], [classes[f[0]] for f in found]
     step = max(1, len(images) // limit)
     x = torch.stack(images[::step][:limit])
     return x, labels[::step][:limit]
@@ -434,8 +434,10 @@ def main() -> None:
 
             keep_freed_memory()  # as the engine does on CPU
         pair, method = args.row
-        measure = {"teacher": measure_teacher, "epoch": measure_epoch}.get(method, measure_method)
-        result = measure(pair, args)
+        if method in ("teacher", "epoch"):
+            result = (measure_teacher if method == "teacher" else measure_epoch)(pair, args)
+        else:
+            result = measure_method(pair, method, args)
         print("ROW " + json.dumps(result))
         return
     out = Path(args.out)
