@@ -27,7 +27,7 @@ def make_synthetic(
     seed: int = 0,
     split_seed: int = 0,
     motifs_per_class: int = 2,
-    distractors: int = 2,
+    distractors: int = 1,
     motif_size: int | None = None,
     noise: float = 0.08,
 ) -> ImageTensors:
@@ -37,7 +37,7 @@ def make_synthetic(
         raise ValueError(f"num_classes must be in [2, 1000], got {num_classes}")
     if image_size < 8:
         raise ValueError(f"image_size must be >= 8, got {image_size}")
-    m = motif_size or max(4, image_size // 4)
+    m = motif_size or max(4, (image_size * 7) // 16)
     g_cls = torch.Generator().manual_seed(seed)
     motifs = _smooth_noise(num_classes * motifs_per_class, 4, m, 3, g_cls)  # RGB + alpha
     motifs[:, 3] = (motifs[:, 3] > 0.45).float()  # hard-edged shapes
