@@ -32,7 +32,7 @@ def run_demo(data_root: str | None = None, output: str = "runs/demo", quick: boo
     from rich.table import Table
 
     console = Console()
-    scale = 0.25 if quick else 1.0
+    scale = 0.15 if quick else 1.0
     epochs_t = max(1, round(DEMO["teacher"]["epochs"] * scale))
     epochs_s = max(1, round(DEMO["student"]["epochs"] * scale))
     if data_root:
@@ -40,7 +40,7 @@ def run_demo(data_root: str | None = None, output: str = "runs/demo", quick: boo
     else:
         data_over = dict(DEMO["synthetic"])
         if quick:
-            data_over.update({"data.train_size": 600, "data.val_size": 200})
+            data_over.update({"data.train_size": 384, "data.val_size": 128})
     common = _overrides({**data_over, **DEMO["optim"], "trainer.progress_bar": False})
     out = Path(output)
     base_cfg = build_config(None, common)
