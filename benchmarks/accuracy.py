@@ -83,6 +83,11 @@ def run_row(method: str, seed: int, args: argparse.Namespace, data_root: Path) -
     if method == "ce":
         argv = [a for a in argv if not a.startswith("teacher.")]
     shown = "kdistill " + " ".join(shlex.quote(a) for a in argv)
+    if finished_run_matches(out, argv[1:]):
+        print(f"{method} seed {seed}: reusing the finished run in {out}", flush=True)
+        metrics = json.loads((out / "metrics.json").read_text())
+        return {"method": method, "seed": seed, "command": shown, "wall_seconds": metrics.get("train_seconds", 0.0),
+                **{k: v for k, v in metrics.items() if k != "history"}, "history": metrics["history"]}
     print(f"[{time.strftime('%H:%M:%S')}] {method} seed {seed}: {shown}", flush=True)
     start = time.perf_counter()
     env = dict(os.environ)
@@ -95,6 +100,16 @@ def run_row(method: str, seed: int, args: argparse.Namespace, data_root: Path) -
     metrics = json.loads((out / "metrics.json").read_text())
     return {"method": method, "seed": seed, "command": shown, "wall_seconds": time.perf_counter() - start,
             **{k: v for k, v in metrics.items() if k != "history"}, "history": metrics["history"]}
+
+
+def finished_run_matches(out: Path, overrides: list[str]) -> bool:
+    """A run folder that finished (``metrics.json``) with exactly the configuration of this row."""
+    from kdistill.config import Config, _build, build_config
+
+    if not (out / "metrics.json").is_file() or not (out / "config.json").is_file():
+        return False
+    stored = _build(Config, json.loads((out / "config.json").read_text()))  # keys added since get defaults
+    return stored.to_dict() == build_config(None, overrides).to_dict()
 
 
 def write_table(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
