@@ -129,7 +129,9 @@ def write_table(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
         f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
         f"{f', OMP_NUM_THREADS={args.threads}' if args.threads else ''}. Images/s and step times were measured "
         "while other work shared the machine: compare them within this table only (benchmarks/speed.py measures speed).",
-        "- Reproduce: `python benchmarks/accuracy.py` (resumable; rows cached in the JSON beside this file).",
+        f"- Reproduce: `python benchmarks/accuracy.py --threads {args.threads} --per-class {args.per_class} "
+        f"--epochs {args.epochs}` (resumable: rows are cached in the JSON beside this file, and a finished run "
+        "folder with the row's exact configuration is reused).",
         "",
         "| method | seeds | top-1 last (%) | top-1 best (%) | Δ last vs CE | train images/s | step time (ms) | peak memory (MiB) |",
         "|---|---|---|---|---|---|---|---|",
