@@ -16,8 +16,7 @@ keys ``stem, stage1 ... stageK, pooled`` with post- or pre-ReLU variants (``stag
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -123,10 +122,6 @@ class FeatureRecorder:
             out[key] = value
         return out
 
-    def clear(self) -> None:
-        """Drop the captures of the last pass (frees memory between steps)."""
-        self._captures.clear()
-
 
 # --- stage presets ------------------------------------------------------------------------------
 
@@ -223,10 +218,3 @@ def probe_shapes(model: nn.Module, taps: Mapping[str, str], input_size: tuple[in
         return {k: v.shape[1:] for k, v in rec.features.items()}
     finally:
         model.train(was_training)
-
-
-@contextmanager
-def recording(model: nn.Module, taps: Mapping[str, str], detach: bool = False) -> Iterator[FeatureRecorder]:
-    """``with recording(model, taps) as rec: model(x)``; then ``rec.features``."""
-    with FeatureRecorder(model, taps, detach) as rec:
-        yield rec
