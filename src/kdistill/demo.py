@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lightning as L
+
 from kdistill.config import build_config
 from kdistill.engine.build import build_run, load_data
 from kdistill.engine.run import RunResult, evaluate_model, fit
@@ -32,6 +34,8 @@ def run_demo(data_root: str | None = None, output: str = "runs/demo", quick: boo
     from rich.table import Table
 
     console = Console()
+    if not console.is_terminal:  # logs and pipes: wide enough for the table's columns
+        console = Console(width=120)
     scale = 0.15 if quick else 1.0
     epochs_t = max(1, round(DEMO["teacher"]["epochs"] * scale))
     epochs_s = max(1, round(DEMO["student"]["epochs"] * scale))
@@ -51,6 +55,7 @@ def run_demo(data_root: str | None = None, output: str = "runs/demo", quick: boo
 
     def run(name: str, extra: dict) -> tuple[RunResult, object]:
         cfg = build_config(None, common + _overrides({**extra, "output": str(out / name)}))
+        L.seed_everything(cfg.seed, verbose=False)  # same initial weights on every demo run
         built = build_run(cfg, data)
         console.print(f"[bold]{name}[/bold]: {cfg.student.model}, method {cfg.method.name}, "
                       f"{cfg.trainer.max_epochs} epochs ...")
