@@ -16,7 +16,7 @@ import yaml
 
 from kdistill import build_method, create_model, list_models
 from kdistill.distiller import Distiller
-from kdistill.features import recording, stage_taps
+from kdistill.features import FeatureRecorder, stage_taps
 from kdistill.losses import at_loss, dkd_loss, fitnet_loss, kd_loss, nst_loss, pkt_loss, rkd_loss, sp_loss
 from kdistill.methods import Batch, ModelOutput, StepInfo, method_options
 from kdistill.methods.fitnet import ConvReg
@@ -322,7 +322,7 @@ def _batch(n: int = 4, num_classes: int = 10, size: int = 32) -> Batch:
 
 def _features(model, keys, images):
     taps = {k: v for k, v in stage_taps(model).items() if k in keys}
-    with recording(model, taps) as rec:
+    with FeatureRecorder(model, taps) as rec:
         logits = model(images)
     return logits, rec.features
 
