@@ -30,8 +30,7 @@ class AT(Method):
         **common,
     ):
         super().__init__(student, teachers, **common)
-        if len(teachers) != 1:
-            raise ConfigError(f"at needs exactly one teacher, got {len(teachers)}")
+        self.require_one_teacher(teachers)
         if not p > 0:
             raise ConfigError(f"p must be > 0, got {p}")
         self.ce_weight = check_weight("ce_weight", ce_weight)

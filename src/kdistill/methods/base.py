@@ -98,6 +98,11 @@ class Method(nn.Module):
         self._student_taps_override = dict(student_taps or {})
         self._teacher_taps_override = dict(teacher_taps or {})
 
+    def require_one_teacher(self, teachers: Sequence[nn.Module]) -> None:
+        """Methods that compare one student with one teacher reject pools (ConfigError)."""
+        if len(teachers) != 1:
+            raise ConfigError(f"{self.name} needs exactly one teacher, got {len(teachers)}")
+
     # --- features ---------------------------------------------------------------------------
     def _taps_for(self, model: nn.Module, keys: Sequence[str], preact: bool, override: dict[str, str]) -> dict[str, str]:
         if not keys:

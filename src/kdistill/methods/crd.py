@@ -55,8 +55,7 @@ class CRD(Method):
         **common,
     ):
         super().__init__(student, teachers, **common)
-        if len(teachers) != 1:
-            raise ConfigError(f"{self.name} needs exactly one teacher, got {len(teachers)}")
+        self.require_one_teacher(teachers)
         if num_samples is None:
             raise ConfigError(
                 f"{self.name} needs num_samples, the training-set size (its memory bank has one row per "

@@ -34,8 +34,7 @@ class DKD(Method):
         **common,
     ):
         super().__init__(student, teachers, **common)
-        if len(teachers) != 1:
-            raise ConfigError(f"dkd needs exactly one teacher, got {len(teachers)}")
+        self.require_one_teacher(teachers)
         if not temperature > 0:
             raise ConfigError(f"temperature must be > 0, got {temperature}")
         if not (isinstance(warmup_epochs, int) and warmup_epochs >= 0):

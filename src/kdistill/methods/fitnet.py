@@ -76,8 +76,7 @@ class FitNet(Method):
         **common,
     ):
         super().__init__(student, teachers, **common)
-        if len(teachers) != 1:
-            raise ConfigError(f"fitnet needs exactly one teacher, got {len(teachers)}")
+        self.require_one_teacher(teachers)
         if not (isinstance(hint_layer, int) and hint_layer >= 0):
             raise ConfigError(f"hint_layer must be an integer >= 0 (0 = stem, k = stage k), got {hint_layer!r}")
         self.ce_weight = check_weight("ce_weight", ce_weight)

@@ -29,8 +29,7 @@ class NST(Method):
         **common,
     ):
         super().__init__(student, teachers, **common)
-        if len(teachers) != 1:
-            raise ConfigError(f"nst needs exactly one teacher, got {len(teachers)}")
+        self.require_one_teacher(teachers)
         self.ce_weight = check_weight("ce_weight", ce_weight)
         self.feat_weight = check_weight("feat_weight", feat_weight)
         self.student_features = self.available_stages(student, teacher=False)

@@ -9,7 +9,6 @@ from torch import Tensor, nn
 
 from kdistill.losses import pkt_loss
 from kdistill.methods.base import Batch, Method, ModelOutput, StepInfo, check_weight, register_method
-from kdistill.utils import ConfigError
 
 
 @register_method
@@ -29,8 +28,7 @@ class PKT(Method):
         **common,
     ):
         super().__init__(student, teachers, **common)
-        if len(teachers) != 1:
-            raise ConfigError(f"pkt needs exactly one teacher, got {len(teachers)}")
+        self.require_one_teacher(teachers)
         self.ce_weight = check_weight("ce_weight", ce_weight)
         self.feat_weight = check_weight("feat_weight", feat_weight)
         self.student_features = ["pooled"]

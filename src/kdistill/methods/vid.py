@@ -39,8 +39,7 @@ class VID(Method):
         **common,
     ):
         super().__init__(student, teachers, **common)
-        if len(teachers) != 1:
-            raise ConfigError(f"vid needs exactly one teacher, got {len(teachers)}")
+        self.require_one_teacher(teachers)
         if not eps > 0 or not init_var > eps:
             raise ConfigError(f"vid: need init_var > eps > 0, got init_var={init_var}, eps={eps}")
         self.ce_weight = check_weight("ce_weight", ce_weight)
