@@ -129,3 +129,17 @@ def test_console_script_exit_code() -> None:
     proc = subprocess.run([str(exe), "train", "optim.lrr=1"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Did you mean 'optim.lr'" in proc.stderr
+
+
+def test_arbitrary_bytes_as_weights_always_give_a_clear_error(tmp_path: Path) -> None:
+    """Damaged files make the restricted unpickler fail in many ways; each must become CheckpointError."""
+    import random
+
+    from kdistill.checkpoint import CheckpointError, read_state_dict
+
+    rng = random.Random(0)
+    for i in range(200):
+        junk = tmp_path / f"junk{i}.pth"
+        junk.write_bytes(bytes([0x80, rng.randrange(1, 6)]) + rng.randbytes(rng.randrange(1, 400)))
+        with pytest.raises(CheckpointError, match="refused to load|truncated or not a PyTorch weights file"):
+            read_state_dict(junk)

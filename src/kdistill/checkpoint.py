@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from kdistill.utils import ConfigError
+
+# Damaged bytes make the restricted unpickler fail in many ways (IndexError, KeyError, struct.error,
+# UnicodeDecodeError, ...); after UnpicklingError (refused content) every other failure means "damaged".
+DAMAGED_FILE_ERRORS: tuple[type[BaseException], ...] = (Exception,)
 
 
 class CheckpointError(ConfigError):
@@ -60,8 +63,8 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             raise unpickling_error(path, exc) from exc
-        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise CheckpointError(f"{str(path)!r} is truncated or not a PyTorch weights file ({exc})") from exc
+        except DAMAGED_FILE_ERRORS as exc:
+            raise CheckpointError(f"{str(path)!r} is truncated or not a PyTorch weights file ({exc!r})") from exc
     if isinstance(state, Mapping):
         for key in ("model", "state_dict", "student", "net"):
             if key in state and isinstance(state[key], Mapping):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import pickle
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from kdistill.checkpoint import CheckpointError, unpickling_error
+from kdistill.checkpoint import DAMAGED_FILE_ERRORS, CheckpointError, unpickling_error
 
 
 class Throughput(L.Callback):
@@ -76,7 +75,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return torch.load(path, map_location=map_location or "cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
             raise unpickling_error(path, exc, "checkpoint ") from exc
-        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupted ({exc}); it was left as "
+        except DAMAGED_FILE_ERRORS as exc:
+            raise CheckpointError(f"checkpoint {str(path)!r} is truncated or corrupted ({exc!r}); it was left as "
                                   "it is. Resume from another checkpoint of the run (checkpoints/best-*.ckpt) by "
                                   "copying it to last.ckpt, or start again without --resume") from exc
