@@ -126,8 +126,8 @@ def write_table(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
         "- Teacher: `../shared/teachers/resnet56_tiny100-32.pth` (51.02% val top-1, shared CIFAR layout).",
         f"- Budget: {args.epochs} epochs, batch 64, SGD Nesterov lr 0.05, cosine with 1 warm-up epoch, wd 5e-4; "
         "every row the same. Statistic: top-1 on val at the last epoch and the best epoch.",
-        f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
-        f"{f', OMP_NUM_THREADS={args.threads}' if args.threads else ''}. Images/s and step times were measured "
+        f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}; "
+        "OMP_NUM_THREADS of each row in the commands below. Images/s and step times were measured "
         "while other work shared the machine: compare them within this table only (benchmarks/speed.py measures speed).",
         f"- Reproduce: `python benchmarks/accuracy.py --threads {args.threads} --per-class {args.per_class} "
         f"--epochs {args.epochs}` (resumable: rows are cached in the JSON beside this file, and a finished run "
@@ -156,7 +156,9 @@ def write_table(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
                      f"{1000 * 64 / ips:.0f} | {mem:.0f} |")
     lines += ["", "## Commands", ""]
     for r in rows:
-        lines.append(f"- {r['method']} seed {r['seed']} ({r['wall_seconds'] / 60:.1f} min): `{r['command']}`")
+        threads = r.get("threads") or "default"
+        lines.append(f"- {r['method']} seed {r['seed']} ({r['wall_seconds'] / 60:.1f} min, OMP_NUM_THREADS={threads}): "
+                     f"`{r['command']}`")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -184,7 +186,7 @@ def main() -> None:
         for seed in [int(s) for s in args.seeds.split(",")]:
             if (method, seed) in done:
                 continue
-            row = {**run_row(method, seed, args, data_root), "budget": budget}
+            row = {**run_row(method, seed, args, data_root), "budget": budget, "threads": args.threads}
             rows.append(row)
             tmp = cache_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(rows, indent=1))
