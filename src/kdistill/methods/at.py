@@ -36,13 +36,7 @@ class AT(Method):
         self.ce_weight = check_weight("ce_weight", ce_weight)
         self.feat_weight = check_weight("feat_weight", feat_weight)
         self.p = float(p)
-        self.student_features = self.available_stages(student, teacher=False)
-        self.teacher_features = self.available_stages(teachers[0], teacher=True)
-        if not self.student_features or len(self.student_features) != len(self.teacher_features):
-            raise ConfigError(
-                f"at pairs stages one to one, but the student has {self.student_features} and the teacher "
-                f"{self.teacher_features}; give matching student_taps/teacher_taps"
-            )
+        self.pair_all_stages(student, teachers[0])
 
     def forward(
         self, batch: Batch, student: ModelOutput, teachers: Sequence[ModelOutput], info: StepInfo

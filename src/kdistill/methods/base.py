@@ -103,6 +103,16 @@ class Method(nn.Module):
         if len(teachers) != 1:
             raise ConfigError(f"{self.name} needs exactly one teacher, got {len(teachers)}")
 
+    def pair_all_stages(self, student: nn.Module, teacher: nn.Module) -> None:
+        """Record every stage of both networks, paired shallow to deep (AT, NST); ConfigError if the counts differ."""
+        self.student_features = self.available_stages(student, teacher=False)
+        self.teacher_features = self.available_stages(teacher, teacher=True)
+        if not self.student_features or len(self.student_features) != len(self.teacher_features):
+            raise ConfigError(
+                f"{self.name} pairs stages one to one, but the student has {self.student_features} and the teacher "
+                f"{self.teacher_features}; give matching student_taps/teacher_taps"
+            )
+
     # --- features ---------------------------------------------------------------------------
     def _taps_for(self, model: nn.Module, keys: Sequence[str], preact: bool, override: dict[str, str]) -> dict[str, str]:
         if not keys:

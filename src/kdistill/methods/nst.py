@@ -9,7 +9,6 @@ from torch import Tensor, nn
 
 from kdistill.losses import nst_loss
 from kdistill.methods.base import Batch, Method, ModelOutput, StepInfo, check_weight, register_method
-from kdistill.utils import ConfigError
 
 
 @register_method
@@ -32,13 +31,7 @@ class NST(Method):
         self.require_one_teacher(teachers)
         self.ce_weight = check_weight("ce_weight", ce_weight)
         self.feat_weight = check_weight("feat_weight", feat_weight)
-        self.student_features = self.available_stages(student, teacher=False)
-        self.teacher_features = self.available_stages(teachers[0], teacher=True)
-        if not self.student_features or len(self.student_features) != len(self.teacher_features):
-            raise ConfigError(
-                f"nst pairs stages one to one, but the student has {self.student_features} and the teacher "
-                f"{self.teacher_features}; give matching student_taps/teacher_taps"
-            )
+        self.pair_all_stages(student, teachers[0])
 
     def forward(
         self, batch: Batch, student: ModelOutput, teachers: Sequence[ModelOutput], info: StepInfo
