@@ -15,6 +15,7 @@ with each row.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import platform
@@ -102,6 +103,23 @@ def run_row(method: str, seed: int, args: argparse.Namespace, data_root: Path) -
             **{k: v for k, v in metrics.items() if k != "history"}, "history": metrics["history"]}
 
 
+def append_row(cache_file: Path, row: dict) -> list[dict]:
+    """Add ``row`` to the JSON cache and return all rows.
+
+    Several harness processes may run rows side by side (one per core, ``--threads 1``), so the
+    file is re-read under an exclusive lock and replaced atomically: no process overwrites a row
+    that another one finished meanwhile, and an interrupted write never leaves a truncated file.
+    """
+    with open(cache_file.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = json.loads(cache_file.read_text()) if cache_file.is_file() else []
+        rows = [r for r in rows if (r["method"], r["seed"]) != (row["method"], row["seed"])] + [row]
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(rows, indent=1))
+        os.replace(tmp, cache_file)
+    return rows
+
+
 def finished_run_matches(out: Path, overrides: list[str]) -> bool:
     """A run folder that finished (``metrics.json``) with exactly the configuration of this row."""
     from kdistill.config import Config, _build, build_config
@@ -187,12 +205,10 @@ def main() -> None:
             if (method, seed) in done:
                 continue
             row = {**run_row(method, seed, args, data_root), "budget": budget, "threads": args.threads}
-            rows.append(row)
-            tmp = cache_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(rows, indent=1))
-            os.replace(tmp, cache_file)
+            rows = append_row(cache_file, row)
             write_table(rows, args, RESULTS / f"{args.name}.md")
             print(f"  → top-1 last {row['top1_last']:.2f}  best {row['top1_best']:.2f}", flush=True)
+    rows = json.loads(cache_file.read_text()) if cache_file.is_file() else rows  # rows other processes added
     write_table(rows, args, RESULTS / f"{args.name}.md")
 
 

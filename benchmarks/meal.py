@@ -1,0 +1,190 @@
+"""MEAL benchmark: an ensemble of two different teachers, both trained here, distilled into resnet20.
+
+Issue 4 / ``../shared/specs/meal.md``. Stage 1 trains two teachers of different families on the
+*full* ``tiny100-32`` train split with the project's own command (``kdistill train``): by default
+``cifar.resnet32`` and ``cifar.wrn_16_2``. Stage 2 distils them into ``cifar.resnet20`` on the short
+budget of ``benchmarks/accuracy.py`` (50 images per class, 10 epochs, the same optimiser, seed and
+val split), with
+
+- ``meal_v1``: one teacher drawn at random per batch (only that teacher runs), logits block,
+  soft cross-entropy similarity + discriminator, cooperative (meal.md §1.8, the ensemble command);
+- ``meal_v2``: both teachers every step, mean of their probabilities as the target, KL similarity and
+  a discriminator on the mean logits (meal.md §2);
+- ``kd-best``: KD (T=4) from the better of the two teachers (by its val top-1), the usual baseline;
+- ``ce``: the student alone, read from the accuracy benchmark's CE row when its budget matches.
+
+Every row is a ``kdistill`` command run in its own process; teachers and rows are cached (a
+finished run folder with the exact configuration is reused; rows are kept in the JSON beside the
+table), so an interrupted run resumes where it stopped::
+
+    python benchmarks/meal.py --threads 1                 # teachers, then every row
+    python benchmarks/meal.py --threads 1 --stage teachers
+    python benchmarks/meal.py --threads 1 --rows meal_v2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import RESULTS, ROOT, append_row, common_overrides, finished_run_matches, unpack_tiny100
+
+TEACHER_RECIPE = [
+    "data.name=imagefolder", "data.batch_size=64", "data.eval_batch_size=500",
+    "optim.lr=0.1", "optim.momentum=0.9", "optim.nesterov=true", "optim.weight_decay=5e-4",
+    "optim.schedule=cosine", "trainer.progress_bar=false", "method.name=ce", "data.seed=0", "seed=0",
+]
+
+ROWS: dict[str, list[str]] = {
+    "meal_v1": ["method.name=meal_v1", "method.options.teacher_selection=random"],
+    "meal_v2": ["method.name=meal_v2", "method.options.teacher_selection=average"],
+    "kd-best": ["method.name=kd"],
+}
+ORDER = ["ce", "kd-best", "meal_v1", "meal_v2"]
+
+
+def run(argv: list[str], out: Path, threads: int) -> tuple[dict, float, bool]:
+    """Run one ``kdistill`` command (or reuse its finished run folder); its metrics, seconds, reused."""
+    if finished_run_matches(out, argv[1:]):
+        metrics = json.loads((out / "metrics.json").read_text())
+        return metrics, metrics.get("train_seconds", 0.0), True
+    print(f"[{time.strftime('%H:%M:%S')}] kdistill " + " ".join(shlex.quote(a) for a in argv), flush=True)
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "kdistill.cli", *argv], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
+        raise SystemExit(f"{out.name} failed with exit code {proc.returncode}")
+    return json.loads((out / "metrics.json").read_text()), time.perf_counter() - start, False
+
+
+def teacher_argv(model: str, args: argparse.Namespace, data_root: Path) -> list[str]:
+    warmup = round(0.15 * args.teacher_epochs, 3)  # one-cycle-like: 15% warm-up, then cosine
+    return ["train", *TEACHER_RECIPE, f"data.root={data_root}", f"model={model}",
+            f"optim.warmup_epochs={warmup}", f"trainer.max_epochs={args.teacher_epochs}",
+            f"output={Path(args.runs) / ('teacher-' + model.split('.')[-1])}"]
+
+
+def train_teachers(args: argparse.Namespace, data_root: Path) -> list[dict]:
+    teachers = []
+    for model in args.teachers.split(","):
+        argv = teacher_argv(model, args, data_root)
+        out = Path(argv[-1].split("=", 1)[1])
+        metrics, seconds, reused = run(argv, out, args.threads)
+        print(f"teacher {model}: top-1 {metrics['top1_last']:.2f}% ({'reused' if reused else f'{seconds / 60:.1f} min'})",
+              flush=True)
+        teachers.append({"model": model, "checkpoint": str(out / "student.safetensors"), "top1": metrics["top1_last"],
+                         "command": "kdistill " + " ".join(shlex.quote(a) for a in argv),
+                         "minutes": seconds / 60, "threads": args.threads})
+    return teachers
+
+
+def row_argv(name: str, teachers: list[dict], args: argparse.Namespace, data_root: Path) -> list[str]:
+    common = [a for a in common_overrides(args, data_root) if not a.startswith("teacher.")]
+    if name == "kd-best":
+        pool = [max(teachers, key=lambda t: t["top1"])]
+    else:
+        pool = teachers
+    tt = [f"teachers.{i}.model={t['model']}" for i, t in enumerate(pool)]
+    tt += [f"teachers.{i}.checkpoint={t['checkpoint']}" for i, t in enumerate(pool)]
+    return ["distill", *common, *tt, *ROWS[name], "data.seed=0", "seed=0",
+            f"output={Path(args.runs) / name}"]
+
+
+def write_table(rows: list[dict], teachers: list[dict], args: argparse.Namespace, path: Path) -> None:
+    by = {r["method"]: r for r in rows}
+    ce = by.get("ce")
+    lines = [
+        "# MEAL benchmark: two different teachers → resnet20 on tiny100-32 (issue 4)",
+        "",
+        f"- Teachers: trained here with `kdistill train` on the full tiny100-32 train split (50,000 images), "
+        f"{args.teacher_epochs} epochs, batch 64, SGD Nesterov lr 0.1, 15% warm-up then cosine, wd 5e-4, pad-4 crop + flip, seed 0.",
+        f"- Student: cifar.resnet20 on {args.per_class} train images per class (the budget of benchmarks/accuracy.py): "
+        f"{args.epochs} epochs, batch 64, SGD Nesterov lr 0.05, cosine with 1 warm-up epoch, wd 5e-4, seed 0; "
+        "top-1 on the full val split (5,000) at the last and the best epoch.",
+        f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}; "
+        "OMP_NUM_THREADS per command below; another benchmark shared the machine, so times compare within this table only.",
+        f"- Reproduce: `python benchmarks/meal.py --threads {args.threads} --teacher-epochs {args.teacher_epochs} "
+        f"--per-class {args.per_class} --epochs {args.epochs}` (resumable).",
+        "",
+        "| teacher | val top-1 (%) | train minutes |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {t['model']} | {t['top1']:.2f} | {t['minutes']:.1f} |" for t in teachers]
+    lines += ["", "| student row | teachers | top-1 last (%) | top-1 best (%) | Δ last vs student alone | train images/s | peak memory (MiB) |",
+              "|---|---|---|---|---|---|---|"]
+    for name in [n for n in ORDER if n in by]:
+        r = by[name]
+        delta = f"{r['top1_last'] - ce['top1_last']:+.2f}" if ce else "—"
+        lines.append(f"| {name} | {r['teachers']} | {r['top1_last']:.2f} | {r['top1_best']:.2f} | {delta} | "
+                     f"{r.get('train_images_per_s', 0):.0f} | {r.get('peak_memory_mb', 0):.0f} |")
+    lines += ["", "## Commands", ""]
+    lines += [f"- teacher {t['model']} ({t['minutes']:.1f} min, OMP_NUM_THREADS={t['threads']}): `{t['command']}`"
+              for t in teachers]
+    lines += [f"- {n} ({by[n]['minutes']:.1f} min, OMP_NUM_THREADS={by[n]['threads']}): `{by[n]['command']}`"
+              for n in ORDER if n in by]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teachers", default="cifar.resnet32,cifar.wrn_16_2")
+    p.add_argument("--teacher-epochs", type=int, default=2)
+    p.add_argument("--rows", default=",".join(ORDER))
+    p.add_argument("--stage", choices=["all", "teachers"], default="all")
+    p.add_argument("--per-class", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--cache", default=os.environ.get("KDISTILL_CACHE", str(Path.home() / ".cache" / "kdistill")))
+    p.add_argument("--runs", default=str(ROOT / "runs" / "bench-meal"))
+    p.add_argument("--name", default="meal_tiny100")
+    p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for each command (0: torch's default)")
+    args = p.parse_args()
+    args.teacher = ""  # common_overrides() names a teacher checkpoint; this benchmark trains its own teachers
+    data_root = unpack_tiny100(Path(args.cache) / "data")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    teachers = train_teachers(args, data_root)
+    if args.stage == "teachers":
+        return
+    cache_file = RESULTS / f"{args.name}.json"
+    rows = json.loads(cache_file.read_text()) if cache_file.is_file() else []
+    for name in args.rows.split(","):
+        if name not in [*ROWS, "ce"]:
+            sys.exit(f"unknown row {name!r}; rows: {', '.join(ORDER)}")
+        if name == "ce":
+            # The student alone does not depend on the teachers: the accuracy benchmark's CE row, same budget.
+            acc = RESULTS / "accuracy_tiny100.json"
+            ce = [r for r in json.loads(acc.read_text()) if r["method"] == "ce" and r["seed"] == 0
+                  and r.get("budget") == {"per_class": args.per_class, "epochs": args.epochs}] if acc.is_file() else []
+            if not ce:
+                sys.exit("no CE row with this budget in accuracy_tiny100.json: run "
+                         f"python benchmarks/accuracy.py --methods ce --per-class {args.per_class} --epochs {args.epochs}")
+            rows = append_row(cache_file, {**{k: v for k, v in ce[0].items() if k != "history"}, "teachers": "—",
+                                           "minutes": ce[0]["wall_seconds"] / 60, "threads": ce[0]["threads"]})
+            continue
+        argv = row_argv(name, teachers, args, data_root)
+        metrics, seconds, _ = run(argv, Path(argv[-1].split("=", 1)[1]), args.threads)
+        pool = [t["model"] for t in teachers] if name != "kd-best" else [max(teachers, key=lambda t: t["top1"])["model"]]
+        row = {"method": name, "seed": 0, "teachers": " + ".join(pool), "minutes": seconds / 60, "threads": args.threads,
+               "command": "kdistill " + " ".join(shlex.quote(a) for a in argv),
+               **{k: v for k, v in metrics.items() if k != "history"}, "history": metrics["history"]}
+        rows = append_row(cache_file, row)
+        write_table(rows, teachers, args, RESULTS / f"{args.name}.md")
+        print(f"  {name}: top-1 last {row['top1_last']:.2f}  best {row['top1_best']:.2f}", flush=True)
+    rows = json.loads(cache_file.read_text()) if cache_file.is_file() else rows
+    write_table(rows, teachers, args, RESULTS / f"{args.name}.md")
+
+
+if __name__ == "__main__":
+    main()
