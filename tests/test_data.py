@@ -32,6 +32,23 @@ def test_normalize_and_param_ranges() -> None:
     assert p[:, :2].min() == 0 and p[:, :2].max() == 4 and set(p[:, 2].tolist()) == {0, 1}
 
 
+def test_normalize_bit_identical_to_out_of_place_formula_and_batch_rows() -> None:
+    """The in-place normalisation and the index_select gather change no bit of what the engine sees."""
+    g = torch.Generator().manual_seed(3)
+    mean, std = [0.5071, 0.4867, 0.4408], [0.2675, 0.2565, 0.2761]
+    aug = BatchAugment(mean, std)
+    x = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8, generator=g)
+    ref = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    x0 = x.clone()
+    out = aug(x, train=False)
+    assert torch.equal(out, ref) and out.dtype == torch.float32
+    assert torch.equal(x, x0)  # the uint8 batch is not modified in place
+    data = ImageTensors(torch.randint(0, 256, (20, 3, 4, 4), dtype=torch.uint8, generator=g), torch.arange(20) % 7)
+    images, targets, idx = data[[17, 2, 2, 9]]
+    assert torch.equal(images, torch.stack([data.images[i] for i in (17, 2, 2, 9)]))
+    assert targets.tolist() == [17 % 7, 2, 2, 9 % 7] and idx.tolist() == [17, 2, 2, 9]
+
+
 def test_sampler_shards_cover_everything_once_per_epoch() -> None:
     shards = [list(BatchSampler(10, 2, shuffle=True, drop_last=False, seed=3, rank=r, world_size=2)) for r in range(2)]
     assert len(shards[0]) == len(shards[1]) == 3
