@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import kdistill
 from kdistill.cli import main
 from kdistill.data import BatchAugment, ImageTensors
-from kdistill.distiller import Distiller
+from kdistill.distiller import Distiller, classifier_head
 from kdistill.engine.teacher_cache import TeacherCacheError, build_teacher_cache, load_teacher_cache
 from kdistill.methods import build_method
 from kdistill.methods.base import Batch, StepInfo
@@ -189,11 +189,25 @@ def test_teacher_bf16_autocast_path_and_agreement() -> None:
     x = make_augment()(make_data(32, seed=5).images, train=False)
     dtypes: list[torch.dtype] = []
     hook = d.teachers[0].conv1.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    head = classifier_head(d.teachers[0])
+    head_io: list[tuple[torch.dtype, torch.dtype]] = []
+    head_hook = head.register_forward_hook(lambda m, i, o: head_io.append((i[0].dtype, o.dtype)))
     ref = d._clone_out(d.teacher_forward(0, x)).logits
     d.configure_teachers("bf16")
     low = d._clone_out(d.teacher_forward(0, x)).logits
     hook.remove()
+    head_hook.remove()
     assert dtypes == [torch.float32, torch.bfloat16]
+    # the classifier receives bf16 pooled features but computes in float32 under bf16 autocast
+    assert head_io == [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)]
+    feats = torch.randn(4, head.in_features).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = head(feats)
+    assert under_autocast.dtype == torch.float32
+    assert torch.equal(under_autocast, torch.nn.functional.linear(feats.float(), head.weight, head.bias))
+    d.configure_teachers("32")
+    assert "forward" not in head.__dict__ and torch.equal(d._clone_out(d.teacher_forward(0, x)).logits, ref)
+    d.configure_teachers("bf16")
     assert low.dtype == torch.float32 and ref.dtype == torch.float32  # losses always see float32
     assert not torch.equal(low, ref)
     agreement = (low.argmax(1) == ref.argmax(1)).float().mean()

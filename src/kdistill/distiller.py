@@ -30,6 +30,19 @@ class Renormalize(nn.Module):
         return x * self.scale + self.shift
 
 
+def _fp32_linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
+    """A classifier layer run outside autocast, in float32 (see ``Distiller.configure_teachers``)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return nn.functional.linear(x.float(), self.weight, self.bias)
+
+
+def classifier_head(model: nn.Module) -> nn.Linear | None:
+    """The model's last ``nn.Linear`` in registration order: its classifier in every zoo model,
+    torchvision and timm classification network (``fc``, ``classifier``, ``head``)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
 class Distiller(nn.Module):
     """Student + frozen teachers + method. ``forward_train`` returns ``(logits, losses)``."""
 
@@ -55,13 +68,26 @@ class Distiller(nn.Module):
 
     def configure_teachers(self, precision: str = "32", channels_last: bool = False) -> None:
         """How the teacher pass runs: ``precision`` ``"32"`` or ``"bf16"`` (autocast around the teachers
-        alone; outputs are returned as float32), and the channels-last memory format (issue 6)."""
+        alone; outputs are returned as float32), and the channels-last memory format (issue 6).
+
+        Under ``bf16`` the teacher's classifier (its last ``nn.Linear``) runs in float32 on the
+        float32-cast pooled features: bf16 logits keep 8 mantissa bits (a step of 0.06 at a logit of
+        10), which turns near-ties into flipped predictions, while the layer costs a negligible share
+        of the pass. The convolutions, where the time is, stay in bf16.
+        """
         if precision not in ("32", "bf16"):
             raise ConfigError(f"teacher precision must be '32' or 'bf16', got {precision!r}")
         self.teacher_precision = precision
         self.teacher_channels_last = bool(channels_last)
         for teacher in self.teachers:
             teacher.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            head = classifier_head(teacher)
+            if head is None:
+                continue
+            if precision == "bf16":
+                head.forward = _fp32_linear_forward.__get__(head)  # instance attribute; state_dict unchanged
+            elif "forward" in head.__dict__:
+                del head.forward
 
     @property
     def needs_teacher_features(self) -> bool:
