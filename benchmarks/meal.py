@@ -2,7 +2,7 @@
 
 Issue 4 / ``../shared/specs/meal.md``. Stage 1 trains two teachers of different families on the
 *full* ``tiny100-32`` train split with the project's own command (``kdistill train``): by default
-``cifar.resnet32`` and ``cifar.wrn_16_2``. Stage 2 distils them into ``cifar.resnet20`` on the short
+``cifar.resnet32`` and ``cifar.wrn_16_1`` (a ResNet and a wide ResNet). Stage 2 distils them into ``cifar.resnet20`` on the short
 budget of ``benchmarks/accuracy.py`` (50 images per class, 10 epochs, the same optimiser, seed and
 val split), with
 
@@ -140,7 +140,7 @@ def write_table(rows: list[dict], teachers: list[dict], args: argparse.Namespace
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teachers", default="cifar.resnet32,cifar.wrn_16_2")
+    p.add_argument("--teachers", default="cifar.resnet32,cifar.wrn_16_1")
     p.add_argument("--teacher-epochs", type=int, default=2)
     p.add_argument("--rows", default=",".join(ORDER))
     p.add_argument("--stage", choices=["all", "teachers"], default="all")

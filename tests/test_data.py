@@ -80,6 +80,14 @@ def test_subset_per_class_and_stats() -> None:
     mean, std = d.channel_stats()
     flat = d.images[:, 0].double() / 255
     assert mean[0] == pytest.approx(flat.mean().item()) and std[0] == pytest.approx(flat.std().item())
+    # chunking changes nothing, channels are kept apart, and the values are exact: by hand for 0..23
+    g = torch.Generator().manual_seed(1)
+    r = ImageTensors(torch.randint(0, 256, (37, 3, 5, 4), dtype=torch.uint8, generator=g), torch.zeros(37, dtype=torch.long))
+    assert r.channel_stats(chunk=5) == r.channel_stats(chunk=4096)
+    ref = r.images.double().div(255).transpose(0, 1).reshape(3, -1)
+    assert r.channel_stats()[0] == pytest.approx(ref.mean(1).tolist(), rel=1e-12)
+    assert r.channel_stats()[1] == pytest.approx(ref.std(1).tolist(), rel=1e-12)
+    assert mean == [11.5 / 255] * 3 and std[0] == pytest.approx((50.0 ** 0.5) / 255, rel=1e-15)  # var(0..23) = 50
 
 
 def test_build_data_errors() -> None:

@@ -48,10 +48,28 @@ class ImageTensors:
         rows = torch.cat(keep).sort().values
         return ImageTensors(self.images[rows].clone(), self.targets[rows].clone())
 
-    def channel_stats(self) -> tuple[list[float], list[float]]:
-        """Per-channel mean and standard deviation of the images scaled to [0, 1]."""
-        x = self.images.to(torch.float64).div_(255).transpose(0, 1).reshape(self.images.shape[1], -1)
-        return x.mean(1).tolist(), x.std(1).tolist()
+    def channel_stats(self, chunk: int = 4096) -> tuple[list[float], list[float]]:
+        """Per-channel mean and (unbiased) standard deviation of the images scaled to [0, 1].
+
+        Exact: per-channel histograms of the uint8 values give integer sums of x and x², so the only
+        rounding is the final division, and memory stays at one chunk of images (a float64 copy of
+        a 50,000-image split would take 1.2 GB, twice over with the transposed copy).
+        """
+        channels = self.images.shape[1]
+        counts = torch.zeros(channels, 256, dtype=torch.int64)
+        for block in self.images.split(chunk):
+            for c in range(channels):
+                counts[c] += torch.bincount(block[:, c].reshape(-1), minlength=256)
+        values = list(range(256))
+        means, stds = [], []
+        for c in range(channels):
+            hist = counts[c].tolist()
+            n = sum(hist)
+            s1 = sum(v * k for v, k in zip(values, hist, strict=True))  # Python ints: exact
+            s2 = sum(v * v * k for v, k in zip(values, hist, strict=True))
+            means.append(s1 / (255 * n))
+            stds.append(math.sqrt((n * s2 - s1 * s1) / (n * (n - 1))) / 255 if n > 1 else float("nan"))
+        return means, stds
 
 
 class BatchSampler(torch.utils.data.Sampler[list[int]]):
