@@ -207,6 +207,16 @@ def measure_method(pair: str, method: str, args: argparse.Namespace) -> dict[str
             "load": [load0, os.getloadavg()], "steps": args.steps, "batch": n}
 
 
+def tiny100_train_stats() -> tuple[list[float], list[float]]:
+    """Channel mean and std of the tiny100-32 train split (decoded once into the kdistill cache)."""
+    from accuracy import unpack_tiny100
+
+    from kdistill.data.folders import load_image_folder
+
+    cache = Path(os.environ.get("KDISTILL_CACHE", str(Path.home() / ".cache" / "kdistill")))
+    return load_image_folder(unpack_tiny100(cache / "data") / "train").tensors.channel_stats()
+
+
 def tiny100_val(limit: int) -> tuple[Any, list[float], list[float]] | None:
     """Up to ``limit`` real validation images of tiny100-32 (every k-th, so all classes appear) and labels."""
     archive = SHARED / "data" / "tiny100-32.tar.gz"
@@ -267,17 +277,24 @@ def measure_teacher(pair: str, args: argparse.Namespace) -> dict[str, Any]:
     out["channels_last_max_abs_diff"] = float((d.teacher_forward(0, x).logits - ref).abs().max())
     if real is not None:
         images, labels = real
-        x8 = images.float().div(255)
-        mean, std = x8.mean((0, 2, 3)).tolist(), x8.std((0, 2, 3)).tolist()
+        mean, std = tiny100_train_stats()  # what the teacher was trained with (teachers/README.md)
         aug = BatchAugment(mean, std, padding=0, flip=False)
-        preds = {}
+        logits = {}
         for precision in ("32", "bf16"):
             d.configure_teachers(precision, False)
-            preds[precision] = torch.cat([d.teacher_forward(0, aug(images[i:i + 64], train=False)).logits.argmax(1)
-                                          for i in range(0, len(images), 64)])
-        out["agreement"] = {"images": len(images), "top1_agree": float((preds["32"] == preds["bf16"]).float().mean()),
+            logits[precision] = torch.cat([d.teacher_forward(0, aug(images[i:i + 64], train=False)).logits
+                                           for i in range(0, len(images), 64)])
+        preds = {k: v.argmax(1) for k, v in logits.items()}
+        top2 = logits["32"].topk(2, 1).values
+        margin = top2[:, 0] - top2[:, 1]  # fp32 top-1 minus runner-up logit: how close to a tie
+        flipped = preds["32"] != preds["bf16"]
+        out["agreement"] = {"images": len(images), "top1_agree": float((~flipped).float().mean()),
                             "fp32_top1": float((preds["32"] == torch.tensor(labels)).float().mean()),
-                            "note": "shared resnet56_tiny100-32 teacher on tiny100-32 val images"}
+                            "bf16_top1": float((preds["bf16"] == torch.tensor(labels)).float().mean()),
+                            "flipped_fp32_margins": sorted(round(float(m), 4) for m in margin[flipped]),
+                            "median_fp32_margin": float(margin.median()),
+                            "max_abs_logit_diff": float((logits["bf16"] - logits["32"]).abs().max()),
+                            "note": "shared resnet56_tiny100-32 teacher on tiny100-32 val images, train-split normalisation"}
     d.configure_teachers("32", False)
     return out
 
@@ -405,8 +422,16 @@ def write_report(path: Path, rows: dict[str, Any], meta: dict[str, Any]) -> None
         for r in teacher_rows:
             t = r["times"]
             a = r.get("agreement")
-            agree = (f"{100 * a['top1_agree']:.2f}% of {a['images']} images ({a['note']}; fp32 top-1 {100 * a['fp32_top1']:.1f}%)"
-                     if a else "not measured (no trained teacher for this pair)")
+            if a and "flipped_fp32_margins" in a:
+                m = a["flipped_fp32_margins"]
+                agree = (f"{100 * a['top1_agree']:.2f}% of {a['images']} images ({a['note']}; top-1 fp32 "
+                         f"{100 * a['fp32_top1']:.1f}%, bf16 {100 * a['bf16_top1']:.1f}%; {len(m)} flipped, their fp32 "
+                         f"top-1 margins {', '.join(f'{v:.3f}' for v in m[:8])}{' …' if len(m) > 8 else ''} vs median "
+                         f"{a['median_fp32_margin']:.2f}; max |Δlogit| {a['max_abs_logit_diff']:.3f})")
+            elif a:
+                agree = f"{100 * a['top1_agree']:.2f}% of {a['images']} images ({a['note']}; fp32 top-1 {100 * a['fp32_top1']:.1f}%)"
+            else:
+                agree = "not measured (no trained teacher for this pair)"
             lines.append(f"| {r['pair']} | {fmt(t['fp32']['cpu_ms'])} | {fmt(t['channels_last']['cpu_ms'])} | {fmt(t['bf16']['cpu_ms'])} | "
                          f"{r['channels_last_max_abs_diff']:.2e} | {agree} | {r['load'][0][0]:.1f}→{r['load'][1][0]:.1f} |")
     errors = [f"- {k}: {r['error']}" for k, r in sorted(rows.items()) if "error" in r]
@@ -422,7 +447,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--teacher-steps", type=int, default=3, help="measured passes per teacher variant (bf16 is slow without native bf16)")
-    parser.add_argument("--agreement-images", type=int, default=512)
+    parser.add_argument("--agreement-images", type=int, default=1024)
     parser.add_argument("--epoch-batches", type=int, default=10, help="training batches per epoch in the epoch rows")
     parser.add_argument("--epoch-repeats", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
