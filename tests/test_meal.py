@@ -445,3 +445,40 @@ def test_recipes_validate():
     v2 = build_config("imagenet/meal_v2/resnet50")
     assert v2.method.name == "meal_v2" and v2.published["top1"] == 80.67 and v2.optim.weight_decay == 0.0
     assert all("." in t.model.removeprefix("timm.") for t in v2.teachers)  # fully tagged timm names
+
+
+def test_each_teacher_of_a_pool_has_its_own_taps() -> None:
+    """A ResNet and a wide ResNet name their last stage differently (layer3 / block3): each teacher
+    gets its own tap override, the block is probed on the right module, and a wrong name fails."""
+    student = create_model("cifar.resnet8", num_classes=10)
+    resnet = create_model("cifar.resnet20", num_classes=10)
+    wrn = create_model("cifar.wrn_16_1", num_classes=10)
+    m = build_method("meal_v1", student=student, teachers=[resnet, wrn], blocks=["last", "logits"], align="gap_linear",
+                     student_taps={"last": "layer3"}, teacher_taps=[{"last": "layer3"}, {"last": "block3"}])
+    assert m.teacher_taps(resnet)["last"] == "layer3" and m.teacher_taps(wrn)["last"] == "block3"
+    # the same dict for every teacher still works, and names a module the wide ResNet lacks
+    with pytest.raises(ConfigError, match="layer3"):
+        build_method("meal_v1", student=student, teachers=[resnet, wrn], blocks=["last", "logits"], align="gap_linear",
+                     student_taps={"last": "layer3"}, teacher_taps={"last": "layer3"})
+    with pytest.raises(ConfigError, match="teacher_taps lists 1 entries for 2 teachers"):
+        build_method("meal_v1", student=student, teachers=[resnet, wrn], teacher_taps=[{"last": "layer3"}])
+    d = Distiller(student, [resnet, wrn], m)
+    x = torch.randn(2, 3, 32, 32)
+    assert d.teacher_forward(0, x).features["last"].shape == (2, 64, 8, 8)  # resnet20's layer3
+    assert d.teacher_forward(1, x).features["last"].shape == (2, 64, 8, 8)  # wrn_16_1's block3
+    assert torch.equal(d.teacher_forward(1, x).features["last"], wrn.block3(wrn.block2(wrn.block1(wrn.conv1(x)))))
+
+
+def test_build_run_passes_each_teachers_taps(tmp_path) -> None:
+    from kdistill.engine.build import build_run
+
+    cfg = build_config(None, [
+        "data.name=synthetic", "data.num_classes=5", "data.train_size=20", "data.val_size=10", "data.image_size=16",
+        "model=cifar.resnet8", "student.taps={last: layer3}",
+        "teachers.0.model=cifar.resnet8", "teachers.0.taps={last: layer3}",
+        "teachers.1.model=cifar.wrn_16_1", "teachers.1.taps={last: block3}",
+        "method.name=meal_v1", "method.options.blocks=[last, logits]", "method.options.align=gap_linear", f"output={tmp_path}",
+    ])
+    built = build_run(cfg)
+    method = built.distiller.method
+    assert [method.teacher_taps(t)["last"] for t in built.distiller.teachers] == ["layer3", "block3"]

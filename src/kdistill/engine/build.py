@@ -94,7 +94,7 @@ def build_run(cfg: Config, data: DataBundle | None = None) -> Built:
         teachers=teachers,
         input_size=data.input_size,
         student_taps=cfg.student.taps or None,
-        teacher_taps=(cfg.teachers[0].taps if cfg.teachers and cfg.teachers[0].taps else None),
+        teacher_taps=[tc.taps or None for tc in cfg.teachers] if any(tc.taps for tc in cfg.teachers) else None,
         **options,
     )
     distiller = Distiller(student, teachers, method, teacher_inputs)

@@ -86,7 +86,7 @@ class Method(nn.Module):
         teachers: Sequence[nn.Module],
         input_size: tuple[int, int, int] = (3, 32, 32),
         student_taps: dict[str, str] | None = None,
-        teacher_taps: dict[str, str] | None = None,
+        teacher_taps: dict[str, str] | Sequence[dict[str, str] | None] | None = None,
     ):
         super().__init__()
         self.input_size = tuple(input_size)
@@ -96,7 +96,16 @@ class Method(nn.Module):
         self.student_preact = False
         self.teacher_preact = False
         self._student_taps_override = dict(student_taps or {})
-        self._teacher_taps_override = dict(teacher_taps or {})
+        # one tap override per teacher: a dict applies to every teacher, a list gives each its own
+        # (a pool of different architectures names its features differently)
+        if isinstance(teacher_taps, Sequence) and not isinstance(teacher_taps, str | dict):
+            if len(teacher_taps) != len(teachers):
+                raise ConfigError(f"teacher_taps lists {len(teacher_taps)} entries for {len(teachers)} teachers")
+            per_teacher = [dict(t or {}) for t in teacher_taps]
+        else:
+            per_teacher = [dict(teacher_taps or {}) for _ in teachers]
+        self._teacher_overrides = per_teacher
+        self._teacher_index = {id(t): i for i, t in enumerate(teachers)}
 
     def require_one_teacher(self, teachers: Sequence[nn.Module]) -> None:
         """Methods that compare one student with one teacher reject pools (ConfigError)."""
@@ -136,11 +145,17 @@ class Method(nn.Module):
 
     def teacher_taps(self, teacher: nn.Module) -> dict[str, str]:
         """Tap specs each teacher is recorded with."""
-        return self._taps_for(teacher, self.teacher_features, self.teacher_preact, self._teacher_taps_override)
+        return self._taps_for(teacher, self.teacher_features, self.teacher_preact, self._teacher_override(teacher))
+
+    def _teacher_override(self, teacher: nn.Module) -> dict[str, str]:
+        """The ``teacher_taps`` override of this teacher (by identity; the first one's for other modules)."""
+        if not self._teacher_overrides:
+            return {}
+        return self._teacher_overrides[self._teacher_index.get(id(teacher), 0)]
 
     def available_stages(self, model: nn.Module, teacher: bool, preact: bool = False) -> list[str]:
         """The ``stageK`` keys ``model`` offers (its preset merged with the ``*_taps`` override), shallow to deep."""
-        override = self._teacher_taps_override if teacher else self._student_taps_override
+        override = self._teacher_override(model) if teacher else self._student_taps_override
         try:
             preset = dict(stage_taps(model, preact))
         except ConfigError:
@@ -152,7 +167,7 @@ class Method(nn.Module):
 
     def probe(self, model: nn.Module, keys: Sequence[str], preact: bool, teacher: bool) -> dict[str, torch.Size]:
         """Shapes of ``keys`` on ``model`` from a dry run (to size adapters and fusion modules)."""
-        override = self._teacher_taps_override if teacher else self._student_taps_override
+        override = self._teacher_override(model) if teacher else self._student_taps_override
         return probe_shapes(model, self._taps_for(model, keys, preact, override), self.input_size)
 
     # --- training ---------------------------------------------------------------------------
