@@ -200,11 +200,24 @@ def measure_method(pair: str, method: str, args: argparse.Namespace) -> dict[str
     load0 = os.getloadavg()
     timer.run(args.warmup, args.steps)
     res = timer.summary()
+    step_key = "cached" if method == "kd+cache" else "method"
+    excess = paired_excess(timer.cpu[step_key], timer.cpu["student"], timer.cpu["teacher"])
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {"pair": pair, "method": method, "times": res, "peak_mb": peak, "rss_before_mb": rss0,
-            "module_params": sum(p.numel() for p in method_mod.parameters()),
+            "module_params": sum(p.numel() for p in method_mod.parameters()), "excess_paired": excess,
             "load": [load0, os.getloadavg()], "steps": args.steps, "batch": n}
+
+
+def paired_excess(step: list[float], student: list[float], teacher: list[float]) -> dict[str, Any]:
+    """Step − (student step + teacher pass) per interleaved iteration, in ms: the median and a
+    distribution-free 95% confidence interval of the median (order statistics k and n−1−k with
+    k = ⌊(n − 1.96·√n) / 2⌋). Pairing removes the slow drifts of a shared machine that the
+    difference of three separate medians keeps."""
+    d = sorted(1000 * (a - b - c) for a, b, c in zip(step, student, teacher, strict=True))
+    n = len(d)
+    k = max(0, int((n - 1.96 * n ** 0.5) / 2))
+    return {"median_ms": statistics.median(d), "ci95_ms": [d[k], d[n - 1 - k]], "n": n}
 
 
 def tiny100_train_stats() -> tuple[list[float], list[float]]:
@@ -345,6 +358,11 @@ def fmt(v: float) -> str:
     return f"{v:.0f}" if v >= 100 else f"{v:.1f}"
 
 
+def paired(r: dict[str, Any]) -> str:
+    e = r.get("excess_paired")
+    return f"{e['median_ms']:+.1f} [{e['ci95_ms'][0]:+.1f}, {e['ci95_ms'][1]:+.1f}]" if e else "—"
+
+
 def write_report(path: Path, rows: dict[str, Any], meta: dict[str, Any]) -> None:
     lines = [
         "# Speed: training-step time per method against the floors (issue 6)",
@@ -357,14 +375,15 @@ def write_report(path: Path, rows: dict[str, Any], meta: dict[str, Any]) -> None
         f"measured steps per row in column n, after {meta['warmup']} warm-up steps, interleaved; medians; "
         f"CPU allocator: {meta['allocator']} (keep = glibc keeps freed memory between steps, as the engine sets).",
         "",
-        "**Load:** the 1-minute load average at the start and end of each row is listed. On this 2-core machine",
-        "another benchmark was running at the same time (load ≈ 4–8), so wall times are inflated and noisy; the",
-        "*CPU ms* columns (thread CPU time) are less affected but still include cache and memory-bandwidth",
-        "contention. **Re-measure on a quiet machine before quoting these numbers.**",
+        "**Load:** the 1-minute load average at the start and end of each row is listed (2 cores: a load of 2 means",
+        "one single-thread job on the other core besides this one; above 2, jobs share cores and wall times inflate).",
+        "The *CPU ms* columns (thread CPU time) are the ones to read under load; they still include cache and",
+        "memory-bandwidth contention. The paired column takes step − floor within each interleaved iteration.",
         "",
         "| pair | method | step CPU ms | student CPU ms | teacher CPU ms | **overhead ratio** (CPU) | ratio (wall) | "
-        "modules fwd+bwd ms | step − floor ms | (step − floor) / modules | images/s (CPU) | peak RSS MiB | faults/step | n | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "modules fwd+bwd ms | step − floor ms | (step − floor) / modules | paired step − floor ms [95% CI] | "
+        "images/s (CPU) | peak RSS MiB | faults/step | n | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(rows):
         r = rows[key]
@@ -389,7 +408,7 @@ def write_report(path: Path, rows: dict[str, Any], meta: dict[str, Any]) -> None
             faults = t["method"]["faults"]
         lines.append(
             f"| {r['pair']} | {r['method']} | {fmt(step)} | {fmt(s)} | {fmt(te)} | **{ratio:.3f}** | {wall_ratio:.3f} | {mods} | "
-            f"{excess:+.1f} | {rel} | {r['batch'] * 1000 / step:.0f} | {r['peak_mb']:.0f} | {faults:.0f} | {r['steps']} | "
+            f"{excess:+.1f} | {rel} | {paired(r)} | {r['batch'] * 1000 / step:.0f} | {r['peak_mb']:.0f} | {faults:.0f} | {r['steps']} | "
             f"{r['load'][0][0]:.1f}→{r['load'][1][0]:.1f} |"
         )
     cache_rows = [r for r in rows.values() if r["method"] == "kd+cache" and "error" not in r]
