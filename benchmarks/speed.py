@@ -467,7 +467,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--teacher-steps", type=int, default=3, help="measured passes per teacher variant (bf16 is slow without native bf16)")
     parser.add_argument("--agreement-images", type=int, default=1024)
-    parser.add_argument("--epoch-batches", type=int, default=10, help="training batches per epoch in the epoch rows")
+    parser.add_argument("--epoch-batches", type=int, default=30, help="training batches per epoch in the epoch rows (fixed per-epoch costs amortise as in real epochs)")
     parser.add_argument("--epoch-repeats", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1)
