@@ -118,7 +118,8 @@ def run_row(method: str, seed: int, args: argparse.Namespace, data_root: Path) -
         print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
         raise SystemExit(f"row {method} seed {seed} failed with exit code {proc.returncode}")
     metrics = json.loads((out / "metrics.json").read_text())
-    return {"method": method, "seed": seed, "command": shown, "wall_seconds": time.perf_counter() - start,
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {"method": method, "seed": seed, "command": shown, "wall_seconds": time.perf_counter() - start, "commit": commit,
             **{k: v for k, v in metrics.items() if k != "history"}, "history": metrics["history"]}
 
 
@@ -192,6 +193,15 @@ def write_table(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
         lines.append(f"| {method} | {len(rs)} | {fmt(last)} | {fmt(best)} | {delta} | {ips:.0f} | "
                      f"{1000 * 64 / ips:.0f} | {mem:.0f} |")
     notes = [NOTES[m] for m in DEFAULT_ORDER if m in by_method and m in NOTES]
+    inflated = [m for m, rs in by_method.items() if max(r.get("peak_memory_mb", 0) for r in rs) > 2900]
+    if inflated:
+        notes.append(
+            f"Peak memory is the run process's maximum RSS. The rows {', '.join(inflated)} ran before commit 51dad76, when "
+            "loading the data computed the train split's channel statistics on a float64 copy of all 50,000 images "
+            "(plus a transposed copy): a 2.4 GB transient that set their peak. Since then the statistics come from "
+            "uint8 histograms (loading the split peaks at 0.67 GB) with float32-identical values, so those rows' "
+            "accuracies are unaffected; their memory column overstates what the method needs."
+        )
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     lines += ["", "## Commands", ""]
