@@ -109,6 +109,11 @@ def run_row(method: str, seed: int, args: argparse.Namespace, data_root: Path) -
         return {"method": method, "seed": seed, "command": shown, "wall_seconds": metrics.get("train_seconds", 0.0),
                 **{k: v for k, v in metrics.items() if k != "history"}, "history": metrics["history"]}
     print(f"[{time.strftime('%H:%M:%S')}] {method} seed {seed}: {shown}", flush=True)
+    # the code the row runs: HEAD when it starts (plus any uncommitted change, flagged)
+    git = ["git", "-C", str(ROOT)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "src"]).returncode:
+        commit += "+dirty"
     start = time.perf_counter()
     env = dict(os.environ)
     if args.threads:
@@ -118,7 +123,6 @@ def run_row(method: str, seed: int, args: argparse.Namespace, data_root: Path) -
         print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
         raise SystemExit(f"row {method} seed {seed} failed with exit code {proc.returncode}")
     metrics = json.loads((out / "metrics.json").read_text())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return {"method": method, "seed": seed, "command": shown, "wall_seconds": time.perf_counter() - start, "commit": commit,
             **{k: v for k, v in metrics.items() if k != "history"}, "history": metrics["history"]}
 
