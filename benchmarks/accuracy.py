@@ -227,7 +227,12 @@ def main() -> None:
     p.add_argument("--runs", default=str(ROOT / "runs" / "bench-accuracy"))
     p.add_argument("--name", default="accuracy_tiny100")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for each row (0: torch's default)")
+    p.add_argument("--table-only", action="store_true", help="rewrite the table from the cached rows, run nothing")
     args = p.parse_args()
+    if args.table_only:
+        cache_file = RESULTS / f"{args.name}.json"
+        write_table(json.loads(cache_file.read_text()), args, RESULTS / f"{args.name}.md")
+        return
     data_root = unpack_tiny100(Path(args.cache) / "data")
     RESULTS.mkdir(parents=True, exist_ok=True)
     cache_file = RESULTS / f"{args.name}.json"
