@@ -77,11 +77,13 @@ def teacher_argv(model: str, args: argparse.Namespace, data_root: Path) -> list[
             f"output={Path(args.runs) / ('teacher-' + model.split('.')[-1])}"]
 
 
-def train_teachers(args: argparse.Namespace, data_root: Path) -> list[dict]:
+def train_teachers(args: argparse.Namespace, data_root: Path, reuse_only: bool = False) -> list[dict]:
     teachers = []
     for model in args.teachers.split(","):
         argv = teacher_argv(model, args, data_root)
         out = Path(argv[-1].split("=", 1)[1])
+        if reuse_only and not finished_run_matches(out, argv[1:]):
+            sys.exit(f"teacher {model} has no finished run in {out}: run python benchmarks/meal.py --stage teachers")
         metrics, seconds, reused = run(argv, out, args.threads)
         print(f"teacher {model}: top-1 {metrics['top1_last']:.2f}% ({'reused' if reused else f'{seconds / 60:.1f} min'})",
               flush=True)
@@ -119,6 +121,9 @@ def write_table(rows: list[dict], teachers: list[dict], args: argparse.Namespace
         f"- Reproduce: `python benchmarks/meal.py --threads {args.threads} --teacher-epochs {args.teacher_epochs} "
         f"--per-class {args.per_class} --epochs {args.epochs}` (resumable).",
         "",
+        "- `kd-best`: KD (T=4, the KD row of benchmarks/accuracy.py) from the teacher with the higher val top-1; on a tie, "
+        "the first one listed.",
+        "",
         "| teacher | val top-1 (%) | train minutes |",
         "|---|---|---|",
     ]
@@ -150,14 +155,19 @@ def main() -> None:
     p.add_argument("--runs", default=str(ROOT / "runs" / "bench-meal"))
     p.add_argument("--name", default="meal_tiny100")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for each command (0: torch's default)")
+    p.add_argument("--table-only", action="store_true", help="rewrite the table from the cached rows and teachers")
     args = p.parse_args()
     args.teacher = ""  # common_overrides() names a teacher checkpoint; this benchmark trains its own teachers
     data_root = unpack_tiny100(Path(args.cache) / "data")
     RESULTS.mkdir(parents=True, exist_ok=True)
+    cache_file = RESULTS / f"{args.name}.json"
+    if args.table_only:  # teachers must be finished (reused, never trained here)
+        teachers = train_teachers(args, data_root, reuse_only=True)
+        write_table(json.loads(cache_file.read_text()), teachers, args, RESULTS / f"{args.name}.md")
+        return
     teachers = train_teachers(args, data_root)
     if args.stage == "teachers":
         return
-    cache_file = RESULTS / f"{args.name}.json"
     rows = json.loads(cache_file.read_text()) if cache_file.is_file() else []
     for name in args.rows.split(","):
         if name not in [*ROWS, "ce"]:
