@@ -93,6 +93,30 @@ def train_teachers(args: argparse.Namespace, data_root: Path, reuse_only: bool =
     return teachers
 
 
+def teacher_ensemble_stats(teachers: list[dict], data_root: Path) -> dict:
+    """Each teacher's val predictions, recomputed here (a check of the runs' own numbers), and how
+    complementary the pool is: how often the teachers agree, and on how many images at least one is right."""
+    from kdistill import create_model
+    from kdistill.checkpoint import load_weights
+    from kdistill.data import BatchAugment
+    from kdistill.data.folders import load_image_folder
+
+    train = load_image_folder(data_root / "train")
+    val = load_image_folder(data_root / "val", classes=train.classes).tensors
+    augment = BatchAugment(*train.tensors.channel_stats(), padding=0, flip=False)
+    right = []
+    for t in teachers:
+        model = load_weights(create_model(t["model"], num_classes=len(train.classes)), t["checkpoint"]).eval()
+        with torch.inference_mode():
+            pred = torch.cat([model(augment(val.images[i:i + 500], train=False)).argmax(1) for i in range(0, len(val), 500)])
+        right.append(pred == val.targets)
+        t["preds"] = pred
+    preds = [t.pop("preds") for t in teachers]
+    return {"images": len(val), "correct": [int(r.sum()) for r in right],
+            "all_agree": float(torch.stack([p == preds[0] for p in preds]).all(0).float().mean()),
+            "any_right": int(torch.stack(right).any(0).sum())}
+
+
 def row_argv(name: str, teachers: list[dict], args: argparse.Namespace, data_root: Path) -> list[str]:
     common = [a for a in common_overrides(args, data_root) if not a.startswith("teacher.")]
     if name == "kd-best":
@@ -105,7 +129,7 @@ def row_argv(name: str, teachers: list[dict], args: argparse.Namespace, data_roo
             f"output={Path(args.runs) / name}"]
 
 
-def write_table(rows: list[dict], teachers: list[dict], args: argparse.Namespace, path: Path) -> None:
+def write_table(rows: list[dict], teachers: list[dict], args: argparse.Namespace, path: Path, stats: dict | None = None) -> None:
     by = {r["method"]: r for r in rows}
     ce = by.get("ce")
     lines = [
@@ -128,6 +152,12 @@ def write_table(rows: list[dict], teachers: list[dict], args: argparse.Namespace
         "|---|---|---|",
     ]
     lines += [f"| {t['model']} | {t['top1']:.2f} | {t['minutes']:.1f} |" for t in teachers]
+    if stats:
+        lines += ["", f"Recomputed from the teacher checkpoints on the {stats['images']:,} val images: "
+                  f"{' and '.join(str(c) for c in stats['correct'])} correct; the teachers' top-1 predictions agree on "
+                  f"{100 * stats['all_agree']:.1f}% of the images, and at least one teacher is right on {stats['any_right']:,} "
+                  f"({100 * stats['any_right'] / stats['images']:.2f}%): the pool knows more than either member, "
+                  "which is what an ensemble method can transfer."]
     lines += ["", "| student row | teachers | top-1 last (%) | top-1 best (%) | Δ last vs student alone | train images/s | peak memory (MiB) |",
               "|---|---|---|---|---|---|---|"]
     for name in [n for n in ORDER if n in by]:
@@ -166,7 +196,8 @@ def main() -> None:
     cache_file = RESULTS / f"{args.name}.json"
     if args.table_only:  # teachers must be finished (reused, never trained here)
         teachers = train_teachers(args, data_root, reuse_only=True)
-        write_table(json.loads(cache_file.read_text()), teachers, args, RESULTS / f"{args.name}.md")
+        write_table(json.loads(cache_file.read_text()), teachers, args, RESULTS / f"{args.name}.md",
+                    teacher_ensemble_stats(teachers, data_root))
         return
     teachers = train_teachers(args, data_root)
     if args.stage == "teachers":
@@ -196,7 +227,7 @@ def main() -> None:
         write_table(rows, teachers, args, RESULTS / f"{args.name}.md")
         print(f"  {name}: top-1 last {row['top1_last']:.2f}  best {row['top1_best']:.2f}", flush=True)
     rows = json.loads(cache_file.read_text()) if cache_file.is_file() else rows
-    write_table(rows, teachers, args, RESULTS / f"{args.name}.md")
+    write_table(rows, teachers, args, RESULTS / f"{args.name}.md", teacher_ensemble_stats(teachers, data_root))
 
 
 if __name__ == "__main__":
