@@ -165,6 +165,14 @@ def write_table(rows: list[dict], teachers: list[dict], args: argparse.Namespace
         delta = f"{r['top1_last'] - ce['top1_last']:+.2f}" if ce else "—"
         lines.append(f"| {name} | {r['teachers']} | {r['top1_last']:.2f} | {r['top1_best']:.2f} | {delta} | "
                      f"{r.get('train_images_per_s', 0):.0f} | {r.get('peak_memory_mb', 0):.0f} |")
+    if all(n in by for n in ("kd-best", "meal_v1", "meal_v2")):
+        lines += ["", "Reading the rows: the rows differ in more than the teachers. `kd-best` is the KD row of the "
+                  "accuracy benchmark (T = 4, 0.9 · KD + 0.1 · cross-entropy on the labels); the MEAL rows use the "
+                  "published settings (meal.md §5): soft cross-entropy at T = 1 plus the discriminator, and **no hard "
+                  "labels**. With teachers right on 19% of val images (25% for the pair), the labels carry information "
+                  "the teachers lack, which only the KD row uses; a MEAL row with `hard_label_weight=1` would separate "
+                  "that effect (not run: budget). One seed per row; differences of a point are within what a second "
+                  "seed could move."]
     if ce and ce.get("peak_memory_mb", 0) > 2900:
         lines += ["", "The `ce` row's peak memory includes a 2.4 GB transient of the channel-statistics code it ran with "
                   "(fixed in commit 51dad76, see the note in accuracy_tiny100.md); the other rows ran after the fix."]
