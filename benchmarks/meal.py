@@ -171,8 +171,8 @@ def write_table(rows: list[dict], teachers: list[dict], args: argparse.Namespace
                   "published settings (meal.md §5): soft cross-entropy at T = 1 plus the discriminator, and **no hard "
                   "labels**. With teachers right on 19% of val images (25% for the pair), the labels carry information "
                   "the teachers lack, which only the KD row uses; a MEAL row with `hard_label_weight=1` would separate "
-                  "that effect (not run: budget). One seed per row; differences of a point are within what a second "
-                  "seed could move."]
+                  "that effect (not run: budget). One seed per row; the seed-to-seed spread was not measured, so "
+                  "differences of a point or two are not established."]
     if ce and ce.get("peak_memory_mb", 0) > 2900:
         lines += ["", "The `ce` row's peak memory includes a 2.4 GB transient of the channel-statistics code it ran with "
                   "(fixed in commit 51dad76, see the note in accuracy_tiny100.md); the other rows ran after the fix."]
