@@ -435,6 +435,11 @@ def write_report(path: Path, rows: dict[str, Any], meta: dict[str, Any]) -> None
             f"{excess:+.1f} | {rel} | {paired(r)} | {r['batch'] * 1000 / step:.0f} | {r['peak_mb']:.0f} | {faults:.0f} | {r['steps']} | "
             f"{r['load'][0][0]:.1f}→{r['load'][1][0]:.1f} |"
         )
+    if any(r.get("pair") == "tiny" for r in rows.values()):
+        lines += ["", "The `tiny` pair (a one-conv teacher and student, a floor of a few milliseconds) is not a workload: "
+                  "it shows the framework's fixed per-step cost, which the resnet pairs cannot resolve (their "
+                  "step-to-step noise is tens of milliseconds). Its overhead ratio is that fixed cost over a tiny "
+                  "floor; read its step − floor against the modules' own time."]
     cache_rows = [r for r in rows.values() if r["method"] == "kd+cache" and "error" not in r]
     if cache_rows:
         lines += ["", "## Teacher-output cache: KD step with and without the cache (augmentation included)", "",
