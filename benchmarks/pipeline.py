@@ -74,6 +74,18 @@ def worker_cpu_seconds(loaders: list[torch.utils.data.DataLoader]) -> float:
     return total
 
 
+def wait_until_idle(loaders: list[torch.utils.data.DataLoader], poll: float = 0.05, timeout: float = 10.0) -> None:
+    """Block until the persistent workers of ``loaders`` stop using CPU (they refill their prefetch
+    queue after a round ends); otherwise that work would run, and be counted, inside the next variant's round."""
+    last, start = -1.0, time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        now = worker_cpu_seconds(loaders)
+        if now == last:
+            return
+        last = now
+        time.sleep(poll)
+
+
 def consume(loader_iter_factory: Callable[[], object], n_batches: int, step: Callable[[object], object]) -> int:
     seen = 0
     for i, batch in enumerate(loader_iter_factory()):
@@ -86,7 +98,7 @@ def consume(loader_iter_factory: Callable[[], object], n_batches: int, step: Cal
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=10_000, help="images in memory")
-    parser.add_argument("--batches", type=int, default=40, help="batches per round")
+    parser.add_argument("--batches", type=int, default=100, help="batches per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speed-pipeline"))
@@ -113,10 +125,12 @@ def main() -> None:
         consume(it, 2, step)
     for _ in range(args.rounds):
         for name, (it, step) in variants.items():
-            w0, c0, k0 = time.perf_counter(), time.process_time(), worker_cpu_seconds(list(tv.values()))
+            wait_until_idle(list(tv.values()))
+            own = [tv[2]] if name.endswith("2 workers") else []  # worker CPU counts only for the variant that owns them
+            w0, c0, k0 = time.perf_counter(), time.process_time(), worker_cpu_seconds(own)
             n = consume(it, args.batches, step)
             wall[name].append(n / (time.perf_counter() - w0))
-            used = time.process_time() - c0 + worker_cpu_seconds(list(tv.values())) - k0
+            used = time.process_time() - c0 + worker_cpu_seconds(own) - k0
             cpu[name].append(n / max(used, 1e-9))
     load1 = os.getloadavg()
     result = {name: {"images_per_s_wall": statistics.median(wall[name]), "images_per_s_cpu": statistics.median(cpu[name])}
@@ -136,8 +150,9 @@ def main() -> None:
         f"Machine: {machine_line()}", "Command:", f"    {command}", "",
         f"{args.images} uint8 32×32 images in memory, batch {args.batch}, pad-4 crop + flip + normalise, one intra-op thread; "
         f"median of {args.rounds} alternating rounds of {args.batches} batches. Load average {load0[0]:.1f} at the start, "
-        f"{load1[0]:.1f} at the end: another benchmark shared this 2-core machine, so the worker-process variant in "
-        "particular had little free CPU. **Re-measure on a quiet machine.**", "",
+        f"{load1[0]:.1f} at the end (2 cores; 2 means one other single-thread job besides this one, which leaves the "
+        "worker-process variant little spare CPU). Before each round the persistent workers are left to finish "
+        "refilling their prefetch queue, and their CPU time counts only for the variant that owns them.", "",
         "| pipeline | images/s (wall) | images per CPU-second (main process + workers) |", "|---|---|---|",
     ]
     for name, v in result.items():
