@@ -141,5 +141,6 @@ def test_arbitrary_bytes_as_weights_always_give_a_clear_error(tmp_path: Path) ->
     for i in range(200):
         junk = tmp_path / f"junk{i}.pth"
         junk.write_bytes(bytes([0x80, rng.randrange(1, 6)]) + rng.randbytes(rng.randrange(1, 400)))
-        with pytest.raises(CheckpointError, match="refused to load|truncated or not a PyTorch weights file"):
+        with pytest.raises(CheckpointError, match="refused to load|truncated or not a PyTorch weights file") as info:
             read_state_dict(junk)
+        assert "nothing in it was run" in str(info.value) and str(junk) in str(info.value)

@@ -285,7 +285,7 @@ def test_damaged_teacher_files(good_run: Path, tmp_path: Path, capsys: pytest.Ca
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(src[: len(src) // 3])
     junk = tmp_path / "junk.pth"
-    junk.write_bytes(os.urandom(5000))
+    junk.write_bytes(os.urandom(5000))  # random bytes fail in the unpickler or before it: both say nothing ran
     for path, message in ((cut, "is not a readable safetensors file"), (junk, "nothing in it was run")):
         code, err = run_cli(["distill", "method.name=kd", "teacher.model=cifar.resnet8", f"teacher.checkpoint={path}",
                              f"output={tmp_path / 'o'}", *TINY], capsys)

@@ -64,7 +64,9 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         except pickle.UnpicklingError as exc:
             raise unpickling_error(path, exc) from exc
         except DAMAGED_FILE_ERRORS as exc:
-            raise CheckpointError(f"{str(path)!r} is truncated or not a PyTorch weights file ({exc!r})") from exc
+            raise CheckpointError(
+                f"{str(path)!r} is truncated or not a PyTorch weights file; nothing in it was run ({exc!r})"
+            ) from exc
     if isinstance(state, Mapping):
         for key in ("model", "state_dict", "student", "net"):
             if key in state and isinstance(state[key], Mapping):
