@@ -110,6 +110,34 @@ def common_overrides(args: argparse.Namespace, data_root: Path) -> list[str]:
     ]
 
 
+def run_kdistill(argv: list[str], out: Path, threads: int, label: str) -> tuple[dict, float, str | None]:
+    """Run one ``kdistill`` command in its own process, or reuse its finished run folder ``out``.
+
+    Returns the run's metrics, the wall seconds (the stored training seconds when reused) and the
+    commit the run used (HEAD when it starts, ``+dirty`` when src has uncommitted changes; ``None``
+    when reused). Shared by the accuracy and MEAL benchmarks.
+    """
+    shown = "kdistill " + " ".join(shlex.quote(a) for a in argv)
+    if finished_run_matches(out, argv[1:]):
+        print(f"{label}: reusing the finished run in {out}", flush=True)
+        metrics = json.loads((out / "metrics.json").read_text())
+        return metrics, metrics.get("train_seconds", 0.0), None
+    print(f"[{time.strftime('%H:%M:%S')}] {label}: {shown}", flush=True)
+    git = ["git", "-C", str(ROOT)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "src"]).returncode:
+        commit += "+dirty"
+    start = time.perf_counter()
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)  # avoids oversubscription when the machine is shared
+    proc = subprocess.run([sys.executable, "-m", "kdistill.cli", *argv], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
+        raise SystemExit(f"{label} failed with exit code {proc.returncode}")
+    return json.loads((out / "metrics.json").read_text()), time.perf_counter() - start, commit
+
+
 def run_row(method: str, seed: int, args: argparse.Namespace, data_root: Path) -> dict:
     out = Path(args.runs) / f"{method}-seed{seed}"
     command = "train" if method == "ce" else "distill"
@@ -117,29 +145,19 @@ def run_row(method: str, seed: int, args: argparse.Namespace, data_root: Path) -
             f"output={out}"]
     if method == "ce":
         argv = [a for a in argv if not a.startswith("teacher.")]
-    shown = "kdistill " + " ".join(shlex.quote(a) for a in argv)
-    if finished_run_matches(out, argv[1:]):
-        print(f"{method} seed {seed}: reusing the finished run in {out}", flush=True)
-        metrics = json.loads((out / "metrics.json").read_text())
-        return {"method": method, "seed": seed, "command": shown, "wall_seconds": metrics.get("train_seconds", 0.0),
-                **{k: v for k, v in metrics.items() if k != "history"}, "history": metrics["history"]}
-    print(f"[{time.strftime('%H:%M:%S')}] {method} seed {seed}: {shown}", flush=True)
-    # the code the row runs: HEAD when it starts (plus any uncommitted change, flagged)
-    git = ["git", "-C", str(ROOT)]
-    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    if subprocess.run([*git, "diff", "--quiet", "HEAD", "--", "src"]).returncode:
-        commit += "+dirty"
-    start = time.perf_counter()
-    env = dict(os.environ)
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)  # avoids oversubscription when the machine is shared
-    proc = subprocess.run([sys.executable, "-m", "kdistill.cli", *argv], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
-        raise SystemExit(f"row {method} seed {seed} failed with exit code {proc.returncode}")
-    metrics = json.loads((out / "metrics.json").read_text())
-    return {"method": method, "seed": seed, "command": shown, "wall_seconds": time.perf_counter() - start, "commit": commit,
+    metrics, seconds, commit = run_kdistill(argv, out, args.threads, f"row {method} seed {seed}")
+    return {"method": method, "seed": seed, "command": "kdistill " + " ".join(shlex.quote(a) for a in argv),
+            "wall_seconds": seconds, **({"commit": commit} if commit else {}),
             **{k: v for k, v in metrics.items() if k != "history"}, "history": metrics["history"]}
+
+
+def add_budget_arguments(p: argparse.ArgumentParser) -> None:
+    """The student budget, cache and thread options, the same in every tiny100 harness (the MEAL
+    benchmark reuses this harness's CE row only when the budgets are equal)."""
+    p.add_argument("--per-class", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--cache", default=os.environ.get("KDISTILL_CACHE", str(Path.home() / ".cache" / "kdistill")))
+    p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for each command (0: torch's default)")
 
 
 def append_row(cache_file: Path, row: dict) -> list[dict]:
@@ -235,13 +253,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=",".join(DEFAULT_ORDER))
     p.add_argument("--seeds", default="0")
-    p.add_argument("--per-class", type=int, default=50)
-    p.add_argument("--epochs", type=int, default=10)
+    add_budget_arguments(p)
     p.add_argument("--teacher", default=str(SHARED / "teachers" / "resnet56_tiny100-32.pth"))
-    p.add_argument("--cache", default=os.environ.get("KDISTILL_CACHE", str(Path.home() / ".cache" / "kdistill")))
     p.add_argument("--runs", default=str(ROOT / "runs" / "bench-accuracy"))
     p.add_argument("--name", default="accuracy_tiny100")
-    p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for each row (0: torch's default)")
     p.add_argument("--table-only", action="store_true", help="rewrite the table from the cached rows, run nothing")
     args = p.parse_args()
     if args.table_only:

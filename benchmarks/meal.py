@@ -29,15 +29,22 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import RESULTS, ROOT, append_row, common_overrides, finished_run_matches, unpack_tiny100
+from accuracy import (
+    RESULTS,
+    ROOT,
+    add_budget_arguments,
+    append_row,
+    common_overrides,
+    finished_run_matches,
+    run_kdistill,
+    unpack_tiny100,
+)
 
 TEACHER_RECIPE = [
     "data.name=imagefolder", "data.batch_size=64", "data.eval_batch_size=500",
@@ -51,23 +58,6 @@ ROWS: dict[str, list[str]] = {
     "kd-best": ["method.name=kd"],
 }
 ORDER = ["ce", "kd-best", "meal_v1", "meal_v2"]
-
-
-def run(argv: list[str], out: Path, threads: int) -> tuple[dict, float, bool]:
-    """Run one ``kdistill`` command (or reuse its finished run folder); its metrics, seconds, reused."""
-    if finished_run_matches(out, argv[1:]):
-        metrics = json.loads((out / "metrics.json").read_text())
-        return metrics, metrics.get("train_seconds", 0.0), True
-    print(f"[{time.strftime('%H:%M:%S')}] kdistill " + " ".join(shlex.quote(a) for a in argv), flush=True)
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "kdistill.cli", *argv], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
-        raise SystemExit(f"{out.name} failed with exit code {proc.returncode}")
-    return json.loads((out / "metrics.json").read_text()), time.perf_counter() - start, False
 
 
 def teacher_argv(model: str, args: argparse.Namespace, data_root: Path) -> list[str]:
@@ -84,8 +74,8 @@ def train_teachers(args: argparse.Namespace, data_root: Path, reuse_only: bool =
         out = Path(argv[-1].split("=", 1)[1])
         if reuse_only and not finished_run_matches(out, argv[1:]):
             sys.exit(f"teacher {model} has no finished run in {out}: run python benchmarks/meal.py --stage teachers")
-        metrics, seconds, reused = run(argv, out, args.threads)
-        print(f"teacher {model}: top-1 {metrics['top1_last']:.2f}% ({'reused' if reused else f'{seconds / 60:.1f} min'})",
+        metrics, seconds, commit = run_kdistill(argv, out, args.threads, f"teacher {model}")
+        print(f"teacher {model}: top-1 {metrics['top1_last']:.2f}% ({f'{seconds / 60:.1f} min' if commit else 'reused'})",
               flush=True)
         teachers.append({"model": model, "checkpoint": str(out / "student.safetensors"), "top1": metrics["top1_last"],
                          "command": "kdistill " + " ".join(shlex.quote(a) for a in argv),
@@ -104,14 +94,13 @@ def teacher_ensemble_stats(teachers: list[dict], data_root: Path) -> dict:
     train = load_image_folder(data_root / "train")
     val = load_image_folder(data_root / "val", classes=train.classes).tensors
     augment = BatchAugment(*train.tensors.channel_stats(), padding=0, flip=False)
-    right = []
+    preds = []
     for t in teachers:
         model = load_weights(create_model(t["model"], num_classes=len(train.classes)), t["checkpoint"]).eval()
         with torch.inference_mode():
-            pred = torch.cat([model(augment(val.images[i:i + 500], train=False)).argmax(1) for i in range(0, len(val), 500)])
-        right.append(pred == val.targets)
-        t["preds"] = pred
-    preds = [t.pop("preds") for t in teachers]
+            preds.append(torch.cat([model(augment(val.images[i:i + 500], train=False)).argmax(1)
+                                    for i in range(0, len(val), 500)]))
+    right = [p == val.targets for p in preds]
     return {"images": len(val), "correct": [int(r.sum()) for r in right],
             "all_agree": float(torch.stack([p == preds[0] for p in preds]).all(0).float().mean()),
             "any_right": int(torch.stack(right).any(0).sum())}
@@ -190,12 +179,9 @@ def main() -> None:
     p.add_argument("--teacher-epochs", type=int, default=2)
     p.add_argument("--rows", default=",".join(ORDER))
     p.add_argument("--stage", choices=["all", "teachers"], default="all")
-    p.add_argument("--per-class", type=int, default=50)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--cache", default=os.environ.get("KDISTILL_CACHE", str(Path.home() / ".cache" / "kdistill")))
+    add_budget_arguments(p)
     p.add_argument("--runs", default=str(ROOT / "runs" / "bench-meal"))
     p.add_argument("--name", default="meal_tiny100")
-    p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS for each command (0: torch's default)")
     p.add_argument("--table-only", action="store_true", help="rewrite the table from the cached rows and teachers")
     args = p.parse_args()
     args.teacher = ""  # common_overrides() names a teacher checkpoint; this benchmark trains its own teachers
@@ -226,9 +212,10 @@ def main() -> None:
                                            "minutes": ce[0]["wall_seconds"] / 60, "threads": ce[0]["threads"]})
             continue
         argv = row_argv(name, teachers, args, data_root)
-        metrics, seconds, _ = run(argv, Path(argv[-1].split("=", 1)[1]), args.threads)
+        metrics, seconds, commit = run_kdistill(argv, Path(argv[-1].split("=", 1)[1]), args.threads, f"row {name}")
         pool = [t["model"] for t in teachers] if name != "kd-best" else [max(teachers, key=lambda t: t["top1"])["model"]]
         row = {"method": name, "seed": 0, "teachers": " + ".join(pool), "minutes": seconds / 60, "threads": args.threads,
+               **({"commit": commit} if commit else {}),
                "command": "kdistill " + " ".join(shlex.quote(a) for a in argv),
                **{k: v for k, v in metrics.items() if k != "history"}, "history": metrics["history"]}
         rows = append_row(cache_file, row)
