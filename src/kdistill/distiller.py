@@ -8,6 +8,7 @@ normalisation (``Normalization``), applied to the student-normalised batch.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -15,6 +16,9 @@ from torch import Tensor, nn
 from kdistill.features import FeatureRecorder
 from kdistill.methods.base import Batch, Method, ModelOutput, StepInfo
 from kdistill.utils import ConfigError
+
+if TYPE_CHECKING:
+    from kdistill.engine.compile import CompiledPasses
 
 
 class Renormalize(nn.Module):
@@ -65,6 +69,7 @@ class Distiller(nn.Module):
         self._teacher_taps = [method.teacher_taps(t) for t in self.teachers]
         self.teacher_precision = "32"
         self.teacher_channels_last = False
+        self.compiled: CompiledPasses | None = None  # set by kdistill.engine.compile.compile_distiller
 
     def configure_teachers(self, precision: str = "32", channels_last: bool = False) -> None:
         """How the teacher pass runs: ``precision`` ``"32"`` or ``"bf16"`` (autocast around the teachers
@@ -119,6 +124,8 @@ class Distiller(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         taps = self._teacher_taps[index]
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.teacher_precision == "bf16"):
+            if self.compiled is not None:
+                return self.compiled.teachers[index](x)
             if not taps:
                 return ModelOutput(teacher(x))
             with FeatureRecorder(teacher, taps, detach=True) as rec:
@@ -127,6 +134,8 @@ class Distiller(nn.Module):
 
     def student_forward(self, images: Tensor) -> ModelOutput:
         """Student forward, recording the method's student features (with gradients)."""
+        if self.compiled is not None:
+            return self.compiled.student(images)
         if not self._student_taps:
             return ModelOutput(self.student(images))
         with FeatureRecorder(self.student, self._student_taps) as rec:
@@ -155,7 +164,7 @@ class Distiller(nn.Module):
             own_losses = self.method.own_step_losses(batch, detached, teacher_outputs, info)
             if own_losses is not None:
                 own_step(own_losses)
-        losses = self.method(batch, student, teacher_outputs, info)
+        losses = (self.compiled.method if self.compiled is not None else self.method)(batch, student, teacher_outputs, info)
         return student.logits, losses
 
     @staticmethod
@@ -169,4 +178,6 @@ class Distiller(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """Inference: the student alone."""
+        if self.compiled is not None and not self.student.training:
+            return self.compiled.evaluate(images)
         return self.student(images)

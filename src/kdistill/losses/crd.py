@@ -32,6 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdistill.losses._common import float32_loss, upcast
+
 SAMPLING_MODES = ("fast", "exact")
 
 
@@ -52,6 +54,7 @@ def _all_gather_rows(x: Tensor) -> Tensor:
     return torch.cat([part[: int(n.item())] for part, n in zip(parts, sizes, strict=True)])
 
 
+@float32_loss
 def crd_nce_loss(probs: Tensor, num_data: int, eps: float = 1e-7) -> Tensor:
     """NCE loss of spec §2.7 item 6 on normalised scores ``probs`` (B×(K+1), column 0 positive).
 
@@ -214,7 +217,9 @@ class Embed(nn.Module):
         self.linear = nn.Linear(in_dim, out_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(self.linear(torch.flatten(x, 1)), dim=1)
+        z = self.linear(torch.flatten(x, 1))
+        with torch.autocast(z.device.type, enabled=False):  # the normalisation in float32 under mixed precision
+            return F.normalize(upcast(z), dim=1)
 
 
 class CRDLoss(nn.Module):

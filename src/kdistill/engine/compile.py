@@ -1,0 +1,189 @@
+"""Compiled distillation steps (``trainer.compile``): each network with its feature taps, and the
+method's own modules and losses, as ``torch.compile`` graphs.
+
+Three kinds of graphs per run:
+
+* the student's training pass with its taps (``RecordingPass``: the forward hooks are registered
+  once and record only inside the pass, so Dynamo inlines them into the graph; hooks registered per
+  step, as ``FeatureRecorder`` does, break the graph at every registration);
+* each teacher's inference pass with its taps;
+* the method's ``forward`` (ABFs, embeddings, discriminators and the losses);
+
+plus the student's evaluation pass. The optimizer steps, a method's own optimizer step (MEAL's
+discriminators) and the teacher selection stay eager between the graphs. Inductor keeps compiled
+kernels in a cache directory (``TORCHINDUCTOR_CACHE_DIR``; default ``~/.cache/kdistill/inductor``),
+so a resumed or repeated run reuses them instead of compiling again.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdistill.features import _OPS, TapSpec, available_taps
+from kdistill.methods.base import ModelOutput
+from kdistill.utils import ConfigError, unknown_name_error
+
+# torch.compile's modes: "default" (inductor, no CUDA graphs), "reduce-overhead" (CUDA graphs: the
+# whole graph replayed in one launch, on GPUs), "max-autotune" (benchmarks kernel choices at compile
+# time, plus CUDA graphs on GPUs), "max-autotune-no-cudagraphs".
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def default_cache_dir() -> Path:
+    """Where Inductor keeps compiled kernels unless ``TORCHINDUCTOR_CACHE_DIR`` says otherwise."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kdistill" / "inductor"
+
+
+def use_compile_cache(path: str | Path | None = None) -> Path:
+    """Point Inductor's kernel and graph caches at ``path`` (default: ``TORCHINDUCTOR_CACHE_DIR`` if set,
+    else ``default_cache_dir()``) and return it. Call before the first compilation."""
+    chosen = Path(path) if path is not None else Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir())
+    chosen.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(chosen)
+    return chosen
+
+
+class RecordingPass:
+    """A network's forward that also returns its tapped features, with hooks registered once.
+
+    ``RecordingPass(model, taps)(x)`` is ``ModelOutput(model(x), features)`` with the features of
+    ``FeatureRecorder`` (same tap specs, captures cloned, ``detach`` for teachers). The hooks stay on
+    the model for the pass's lifetime but record only while the pass runs, so other calls of the
+    model (evaluation, export) are unaffected and keep no captures. Not an ``nn.Module``: it adds no
+    parameters or state-dict keys next to the model it wraps.
+    """
+
+    def __init__(self, model: nn.Module, taps: Mapping[str, str], detach: bool = False):
+        self.model = model
+        self.specs = {key: TapSpec.parse(spec) for key, spec in taps.items()}
+        self.detach = detach
+        self._recording = False
+        self._captures: dict[tuple[str, bool], Tensor] = {}
+        modules = dict(model.named_modules())
+        for key, spec in self.specs.items():
+            for part in spec.parts:
+                if part.module not in modules or not part.module:
+                    raise unknown_name_error(f"module for tap {key!r}", part.module, available_taps(model))
+        wanted = sorted({(p.module, p.use_input) for spec in self.specs.values() for p in spec.parts})
+        self._handles = []
+        for name, use_input in wanted:
+            module = modules[name]
+            if use_input:  # a pre-hook: an in-place module would overwrite its input before a forward hook
+                handle = module.register_forward_pre_hook(self._pre_hook(name))
+            else:
+                handle = module.register_forward_hook(self._post_hook(name))
+            self._handles.append(handle)
+
+    def _pre_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            self._store(name, True, args[0])
+        return hook
+
+    def _post_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            self._store(name, False, out)
+        return hook
+
+    def _store(self, name: str, use_input: bool, value: Any) -> None:
+        if not self._recording:
+            return
+        if not isinstance(value, Tensor):
+            raise TypeError(f"tap {name!r}: module {'input' if use_input else 'output'} is not a tensor")
+        value = value.detach() if self.detach else value
+        self._captures[(name, use_input)] = value.clone()
+
+    def __call__(self, x: Tensor) -> ModelOutput:
+        self._recording = True
+        try:
+            logits = self.model(x)
+        finally:
+            self._recording = False
+        features: dict[str, Tensor] = {}
+        for key, spec in self.specs.items():
+            value = self._captures[(spec.parts[0].module, spec.parts[0].use_input)]
+            for part in spec.parts[1:]:
+                value = value + self._captures[(part.module, part.use_input)]
+            for op in spec.ops:
+                value = _OPS[op](value)
+            features[key] = value
+        self._captures = {}
+        return ModelOutput(logits, features)
+
+    def remove(self) -> None:
+        """Take the hooks off the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class CompiledPasses:
+    """The compiled graphs of one ``Distiller`` (see the module docstring).
+
+    ``mode`` is one of ``COMPILE_MODES``; ``dynamic`` is ``torch.compile``'s: ``None`` (default)
+    compiles for the first batch shape and, when another appears (a last partial training batch),
+    once more with a symbolic batch size; ``False`` compiles each shape separately; ``True`` starts
+    symbolic. Evaluation batches are padded to the first one's size, so a last partial validation
+    batch reuses the graph (evaluation mode treats samples independently; the padding rows are
+    dropped from the logits).
+    """
+
+    def __init__(self, distiller: nn.Module, mode: str = "default", dynamic: bool | None = None,
+                 backend: str = "inductor"):
+        if mode not in COMPILE_MODES:
+            raise unknown_name_error("compile mode", mode, COMPILE_MODES)
+        if not hasattr(distiller, "student") or not hasattr(distiller, "teachers"):
+            raise ConfigError("CompiledPasses needs a Distiller (student, teachers, method)")
+        self.mode = mode
+        self.dynamic = dynamic
+        # backends other than inductor (``"aot_eager"``: trace only, for tests and debugging) take no mode
+        opts: dict[str, Any] = {"dynamic": dynamic, "backend": backend, **({"mode": mode} if backend == "inductor" else {})}
+        # the passes share RecordingPass.__call__'s code, and Dynamo keeps a limited number of graphs per code
+        # object: one per network, with room for a symbolic-batch recompile each
+        limit = 2 * (1 + len(distiller.teachers)) + 2
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+        self._student_pass = RecordingPass(distiller.student, distiller._student_taps)
+        self._teacher_passes = [RecordingPass(t, taps, detach=True)
+                                for t, taps in zip(distiller.teachers, distiller._teacher_taps, strict=True)]
+        self.student = torch.compile(self._student_pass.__call__, **opts)
+        self.teachers = [torch.compile(p.__call__, **opts) for p in self._teacher_passes]
+        self.method = torch.compile(distiller.method, **opts)
+        self._eval = torch.compile(distiller.student, **opts)
+        self._eval_batch: int | None = None
+
+    def evaluate(self, images: Tensor) -> Tensor:
+        """The student's logits in evaluation mode; smaller batches are padded to the first one's size."""
+        n = images.shape[0]
+        if self._eval_batch is None:
+            self._eval_batch = n
+        if n < self._eval_batch:
+            pad = images.new_zeros((self._eval_batch - n, *images.shape[1:]))
+            return self._eval(torch.cat([images, pad]))[:n]
+        return self._eval(images)
+
+    def remove(self) -> None:
+        """Take the recording hooks off the networks (the compiled graphs are then unusable)."""
+        for p in (self._student_pass, *self._teacher_passes):
+            p.remove()
+
+
+def compile_stats() -> dict[str, Any]:
+    """Dynamo's counters of this process: graphs compiled, graph breaks with their reasons, recompiles."""
+    from torch._dynamo.utils import counters
+
+    return {"unique_graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": {reason.split("\n")[0]: n for reason, n in counters["graph_break"].items()},
+            "recompiles": int(counters["recompiles"].total()) if "recompiles" in counters else 0}
+
+
+def compile_distiller(distiller: nn.Module, mode: str = "default", dynamic: bool | None = None,
+                      backend: str = "inductor") -> CompiledPasses:
+    """Make ``distiller`` run its passes compiled (``CompiledPasses``) and return them; its parameters,
+    state dict and eager behaviour otherwise stay as they are."""
+    distiller.compiled = CompiledPasses(distiller, mode, dynamic, backend)
+    return distiller.compiled
