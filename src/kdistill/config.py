@@ -93,15 +93,17 @@ class TrainerConfig:
     check_val_every_n_epoch: int = 1
     gradient_clip_val: float | None = None
     compile: bool = False
+    compile_mode: str = "default"
     progress_bar: bool = True
 
 
 @dataclass
 class TeacherRunConfig:
-    """How teachers run: the precision of their inference pass (``32``, or ``bf16`` autocast), their
+    """How teachers run: the precision of their inference pass (``auto`` follows ``trainer.precision``;
+    ``32``, ``bf16`` or ``16`` autocast), their
     memory format, and an optional teacher-output cache folder (``kdistill cache-teacher``)."""
 
-    precision: str = "32"
+    precision: str = "auto"
     channels_last: bool = False
     cache: str | None = None
 
@@ -129,7 +131,8 @@ class Config:
 CHOICES = {
     "data.on_bad_image": ("skip", "error"),
     "optim.schedule": ("multistep", "cosine", "constant"),
-    "teacher.precision": ("32", "bf16"),
+    "teacher.precision": ("auto", "32", "bf16", "16"),
+    "trainer.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
 }
 TEACHER_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
@@ -312,6 +315,7 @@ def validate(cfg: Config) -> None:
         "optim.schedule": cfg.optim.schedule,
         "teacher.precision": cfg.teacher.precision,
         "trainer.precision": cfg.trainer.precision,
+        "trainer.compile_mode": cfg.trainer.compile_mode,
     }
     for key, value in flat.items():
         if value not in CHOICES[key]:

@@ -72,16 +72,17 @@ class Distiller(nn.Module):
         self.compiled: CompiledPasses | None = None  # set by kdistill.engine.compile.compile_distiller
 
     def configure_teachers(self, precision: str = "32", channels_last: bool = False) -> None:
-        """How the teacher pass runs: ``precision`` ``"32"`` or ``"bf16"`` (autocast around the teachers
-        alone; outputs are returned as float32), and the channels-last memory format (issue 6).
+        """How the teacher pass runs: ``precision`` ``"32"``, ``"bf16"`` or ``"16"`` (autocast to bfloat16
+        or float16 around the teachers; outputs are returned as float32), and the channels-last memory
+        format.
 
-        Under ``bf16`` the teacher's classifier (its last ``nn.Linear``) runs in float32 on the
+        Under reduced precision the teacher's classifier (its last ``nn.Linear``) runs in float32 on the
         float32-cast pooled features: bf16 logits keep 8 mantissa bits (a step of 0.06 at a logit of
         10), which turns near-ties into flipped predictions, while the layer costs a negligible share
         of the pass. The convolutions, where the time is, stay in bf16.
         """
-        if precision not in ("32", "bf16"):
-            raise ConfigError(f"teacher precision must be '32' or 'bf16', got {precision!r}")
+        if precision not in ("32", "bf16", "16"):
+            raise ConfigError(f"teacher precision must be '32', 'bf16' or '16', got {precision!r}")
         self.teacher_precision = precision
         self.teacher_channels_last = bool(channels_last)
         for teacher in self.teachers:
@@ -89,7 +90,7 @@ class Distiller(nn.Module):
             head = classifier_head(teacher)
             if head is None:
                 continue
-            if precision == "bf16":
+            if precision != "32":
                 head.forward = _fp32_linear_forward.__get__(head)  # instance attribute; state_dict unchanged
             elif "forward" in head.__dict__:
                 del head.forward
@@ -123,7 +124,8 @@ class Distiller(nn.Module):
         if self.teacher_channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         taps = self._teacher_taps[index]
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.teacher_precision == "bf16"):
+        dtype = torch.float16 if self.teacher_precision == "16" else torch.bfloat16
+        with torch.autocast(x.device.type, dtype=dtype, enabled=self.teacher_precision != "32"):
             if self.compiled is not None:
                 return self.compiled.teachers[index](x)
             if not taps:

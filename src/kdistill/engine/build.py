@@ -12,6 +12,7 @@ from kdistill.checkpoint import load_weights
 from kdistill.config import Config, ModelConfig
 from kdistill.data import BatchAugment, DataBundle, build_data
 from kdistill.distiller import Distiller, Renormalize
+from kdistill.engine.precision import MIXED_PRECISION, float32_classifier, resolve_teacher_precision
 from kdistill.engine.teacher_cache import TeacherCache, load_teacher_cache
 from kdistill.methods import build_method, method_options
 from kdistill.models import create_model
@@ -99,6 +100,8 @@ def build_run(cfg: Config, data: DataBundle | None = None) -> Built:
     )
     distiller = Distiller(student, teachers, method, teacher_inputs)
     augment = BatchAugment(data.mean, data.std, padding=4 if cfg.data.augment else 0, flip=cfg.data.augment)
-    distiller.configure_teachers(cfg.teacher.precision, cfg.teacher.channels_last)
+    distiller.configure_teachers(resolve_teacher_precision(cfg.teacher.precision, cfg.trainer.precision),
+                                 cfg.teacher.channels_last)
+    float32_classifier(distiller.student, cfg.trainer.precision in MIXED_PRECISION)
     cache = load_teacher_cache(cfg.teacher.cache, distiller, data.train, augment) if cfg.teacher.cache else None
     return Built(data, distiller, augment, cache)

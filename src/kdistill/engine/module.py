@@ -202,7 +202,7 @@ class DistillModule(L.LightningModule):
         return total
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        logits = self.distiller.student(batch.images)
+        logits = self.distiller(batch.images)  # the compiled evaluation pass under trainer.compile
         bs = len(batch.targets)
         self.val_top1(logits, batch.targets)
         self.val_top5(logits, batch.targets)

@@ -20,6 +20,7 @@ from kdistill.config import Config, TrainerConfig
 from kdistill.data import DataBundle, ImageTensors, make_loader
 from kdistill.engine.build import Built, build_run, load_data
 from kdistill.engine.callbacks import AtomicCheckpointIO, Throughput
+from kdistill.engine.compile import compile_distiller, use_compile_cache
 from kdistill.engine.module import DistillModule
 from kdistill.models import create_model
 from kdistill.utils import ConfigError
@@ -184,9 +185,8 @@ def fit(cfg: Config, resume: bool = False, built: Built | None = None) -> RunRes
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     built = built or build_run(cfg)
     if cfg.trainer.compile:
-        built.distiller.student.compile()
-        for teacher in built.distiller.teachers:
-            teacher.compile()
+        use_compile_cache()
+        compile_distiller(built.distiller, cfg.trainer.compile_mode)
     module = DistillModule(cfg, built.distiller, built.augment, built.data.num_classes, built.teacher_cache)
     dm = TensorDataModule(built.data, cfg)
     history, speed = History(), Throughput()
