@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from kdistill.distiller import Distiller
-from kdistill.engine.compile import COMPILE_MODES, RecordingPass, compile_distiller, compile_stats
+from kdistill.engine.compile import COMPILE_MODES, RecordingPass, compile_distiller, compile_stats, use_compile_cache
 from kdistill.features import FeatureRecorder
 from kdistill.losses import dkd_loss
 from kdistill.methods import build_method
@@ -133,14 +133,42 @@ def test_compiled_reviewkd_traces_one_graph_per_pass_without_breaks():
     assert compile_stats()["unique_graphs"] == 5  # plus the evaluation pass, compiled once
 
 
-def test_inductor_compiled_kd_step_equals_eager():
+def test_a_smaller_training_batch_compiles_once_more_with_a_symbolic_batch_size():
+    """The last partial batch of an epoch: one more graph per pass (batch size symbolic), then every
+    other size reuses it; the losses equal eager for each size."""
+    fresh_dynamo()
+    eager = make("dkd", warmup_epochs=0)
+    compiled = copy.deepcopy(eager)
+    compile_distiller(compiled, backend="aot_eager")
+    graphs = []
+    for n in (6, 4, 5, 6):
+        batch = Batch(torch.randn(n, 3, 8, 8), torch.randint(0, 5, (n,)), torch.arange(n))
+        _, ref = eager.forward_train(batch, StepInfo())
+        _, got = compiled.forward_train(batch, StepInfo())
+        for k in ref:
+            torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6)
+        graphs.append(compile_stats()["unique_graphs"])
+    assert graphs == [3, 6, 6, 6]
+    assert compile_stats()["graph_breaks"] == {}
+
+
+def test_inductor_compiled_kd_step_equals_eager_and_a_second_run_reuses_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    assert use_compile_cache() == tmp_path / "inductor"
     fresh_dynamo()
     eager = make("kd")
-    compiled = copy.deepcopy(eager)
+    compiled, again = copy.deepcopy(eager), copy.deepcopy(eager)
     compile_distiller(compiled)
     runs = {"eager": run_steps(eager, 2), "compiled": run_steps(compiled, 2)}
     assert_same_run(eager, compiled, runs, rel=1e-4)
     assert compile_stats()["graph_breaks"] == {}
+    counters = torch._dynamo.utils.counters
+    assert counters["inductor"]["fxgraph_cache_miss"] > 0 and counters["inductor"]["fxgraph_cache_hit"] == 0
+    # a resumed run: new process state (Dynamo reset), same cache directory: the kernels are reused
+    fresh_dynamo()
+    compile_distiller(again)
+    run_steps(again, 1)
+    assert counters["inductor"]["fxgraph_cache_hit"] > 0 and counters["inductor"]["fxgraph_cache_miss"] == 0
 
 
 def test_engine_runs_compiled_bf16_mixed_steps_and_evaluation(tmp_path, monkeypatch):
