@@ -126,3 +126,26 @@ def test_bf16_step_matches_the_float32_step(method, options):
         assert got[k].dtype == torch.float32, k
         assert got[k].item() == pytest.approx(ref[k].item(), rel=STEP_TOLERANCE), k
         assert not torch.equal(got[k], ref[k]) or k == "ce", f"{k}: the bf16 step ran in float32"
+
+
+def test_channels_last_end_to_end_equals_the_default_format():
+    """``trainer.channels_last``: student, ReviewKD's ABFs and the teacher in channels-last format, the
+    student's input converted; the losses equal the default format's within float rounding."""
+    cl = make("reviewkd", warmup_epochs=0)
+    plain = copy.deepcopy(cl)
+    cl.configure_teachers("32", channels_last=True)
+    cl.configure_student(channels_last=True)
+    convs = [m for m in (*cl.student.modules(), *cl.method.modules(), *cl.teachers.modules())
+             if isinstance(m, torch.nn.Conv2d) and m.kernel_size != (1, 1)]
+    assert any(c in set(cl.method.modules()) for c in convs)  # the ABFs' 3×3 convolutions are among them
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    seen = []
+    hook = cl.student.conv1.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    batch = Batch(torch.randn(6, 3, 8, 8), torch.randint(0, 5, (6,)), torch.arange(6))
+    _, got = cl.forward_train(batch, StepInfo())
+    _, ref = plain.forward_train(batch, StepInfo())
+    hook.remove()
+    assert seen == [True]
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6)

@@ -94,6 +94,7 @@ class TrainerConfig:
     gradient_clip_val: float | None = None
     compile: bool = False
     compile_mode: str = "default"
+    channels_last: bool = False
     progress_bar: bool = True
 
 

@@ -69,6 +69,7 @@ class Distiller(nn.Module):
         self._teacher_taps = [method.teacher_taps(t) for t in self.teachers]
         self.teacher_precision = "32"
         self.teacher_channels_last = False
+        self.student_channels_last = False
         self.compiled: CompiledPasses | None = None  # set by kdistill.engine.compile.compile_distiller
 
     def configure_teachers(self, precision: str = "32", channels_last: bool = False) -> None:
@@ -94,6 +95,15 @@ class Distiller(nn.Module):
                 head.forward = _fp32_linear_forward.__get__(head)  # instance attribute; state_dict unchanged
             elif "forward" in head.__dict__:
                 del head.forward
+
+    def configure_student(self, channels_last: bool = False) -> None:
+        """The student's and the method's modules' memory format (``trainer.channels_last``): channels-last
+        weights (every 4-D parameter, so also ReviewKD's ABF and FitNet's adapter convolutions) and
+        input; values equal the default format's within float rounding."""
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.student_channels_last = bool(channels_last)
+        self.student.to(memory_format=fmt)
+        self.method.to(memory_format=fmt)
 
     @property
     def needs_teacher_features(self) -> bool:
@@ -136,6 +146,8 @@ class Distiller(nn.Module):
 
     def student_forward(self, images: Tensor) -> ModelOutput:
         """Student forward, recording the method's student features (with gradients)."""
+        if self.student_channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         if self.compiled is not None:
             return self.compiled.student(images)
         if not self._student_taps:
@@ -180,6 +192,8 @@ class Distiller(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """Inference: the student alone."""
+        if self.student_channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         if self.compiled is not None and not self.student.training:
             return self.compiled.evaluate(images)
         return self.student(images)

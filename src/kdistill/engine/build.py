@@ -101,7 +101,8 @@ def build_run(cfg: Config, data: DataBundle | None = None) -> Built:
     distiller = Distiller(student, teachers, method, teacher_inputs)
     augment = BatchAugment(data.mean, data.std, padding=4 if cfg.data.augment else 0, flip=cfg.data.augment)
     distiller.configure_teachers(resolve_teacher_precision(cfg.teacher.precision, cfg.trainer.precision),
-                                 cfg.teacher.channels_last)
+                                 cfg.teacher.channels_last or cfg.trainer.channels_last)
+    distiller.configure_student(channels_last=cfg.trainer.channels_last)
     float32_classifier(distiller.student, cfg.trainer.precision in MIXED_PRECISION)
     cache = load_teacher_cache(cfg.teacher.cache, distiller, data.train, augment) if cfg.teacher.cache else None
     return Built(data, distiller, augment, cache)
