@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from kdistill.distiller import Distiller
-from kdistill.engine.compile import COMPILE_MODES, RecordingPass, compile_distiller, compile_stats, use_compile_cache
-from kdistill.features import FeatureRecorder
+from kdistill.engine.compile import COMPILE_MODES, compile_distiller, compile_stats, use_compile_cache
+from kdistill.features import FeatureRecorder, RecordingPass
 from kdistill.losses import dkd_loss
 from kdistill.methods import build_method
 from kdistill.methods.adversarial import OwnOptimizerStep, train_step
@@ -47,11 +47,11 @@ def test_recording_pass_matches_feature_recorder_and_records_only_inside_its_pas
     with FeatureRecorder(net, taps) as rec:
         logits = net(x)
     rp = RecordingPass(net, taps)
-    out = rp(x)
-    assert torch.equal(out.logits, logits)
-    assert out.features.keys() == rec.features.keys()
+    out_logits, out_features = rp(x)
+    assert torch.equal(out_logits, logits)
+    assert out_features.keys() == rec.features.keys()
     for key, value in rec.features.items():
-        assert torch.equal(out.features[key], value), key
+        assert torch.equal(out_features[key], value), key
     net(x)  # a plain call: nothing recorded, nothing kept alive
     assert rp._captures == {}
     assert set(net.state_dict()) == set(tiny_net(4).state_dict())  # no state added to the model

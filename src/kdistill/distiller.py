@@ -137,7 +137,7 @@ class Distiller(nn.Module):
         dtype = torch.float16 if self.teacher_precision == "16" else torch.bfloat16
         with torch.autocast(x.device.type, dtype=dtype, enabled=self.teacher_precision != "32"):
             if self.compiled is not None:
-                return self.compiled.teachers[index](x)
+                return self.compiled.teacher(index, x)
             if not taps:
                 return ModelOutput(teacher(x))
             with FeatureRecorder(teacher, taps, detach=True) as rec:

@@ -18,14 +18,13 @@ so a resumed or repeated run reuses them instead of compiling again.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from kdistill.features import _OPS, TapSpec, available_taps
+from kdistill.features import RecordingPass
 from kdistill.methods.base import ModelOutput
 from kdistill.utils import ConfigError, unknown_name_error
 
@@ -47,79 +46,6 @@ def use_compile_cache(path: str | Path | None = None) -> Path:
     chosen.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(chosen)
     return chosen
-
-
-class RecordingPass:
-    """A network's forward that also returns its tapped features, with hooks registered once.
-
-    ``RecordingPass(model, taps)(x)`` is ``ModelOutput(model(x), features)`` with the features of
-    ``FeatureRecorder`` (same tap specs, captures cloned, ``detach`` for teachers). The hooks stay on
-    the model for the pass's lifetime but record only while the pass runs, so other calls of the
-    model (evaluation, export) are unaffected and keep no captures. Not an ``nn.Module``: it adds no
-    parameters or state-dict keys next to the model it wraps.
-    """
-
-    def __init__(self, model: nn.Module, taps: Mapping[str, str], detach: bool = False):
-        self.model = model
-        self.specs = {key: TapSpec.parse(spec) for key, spec in taps.items()}
-        self.detach = detach
-        self._recording = False
-        self._captures: dict[tuple[str, bool], Tensor] = {}
-        modules = dict(model.named_modules())
-        for key, spec in self.specs.items():
-            for part in spec.parts:
-                if part.module not in modules or not part.module:
-                    raise unknown_name_error(f"module for tap {key!r}", part.module, available_taps(model))
-        wanted = sorted({(p.module, p.use_input) for spec in self.specs.values() for p in spec.parts})
-        self._handles = []
-        for name, use_input in wanted:
-            module = modules[name]
-            if use_input:  # a pre-hook: an in-place module would overwrite its input before a forward hook
-                handle = module.register_forward_pre_hook(self._pre_hook(name))
-            else:
-                handle = module.register_forward_hook(self._post_hook(name))
-            self._handles.append(handle)
-
-    def _pre_hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            self._store(name, True, args[0])
-        return hook
-
-    def _post_hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-            self._store(name, False, out)
-        return hook
-
-    def _store(self, name: str, use_input: bool, value: Any) -> None:
-        if not self._recording:
-            return
-        if not isinstance(value, Tensor):
-            raise TypeError(f"tap {name!r}: module {'input' if use_input else 'output'} is not a tensor")
-        value = value.detach() if self.detach else value
-        self._captures[(name, use_input)] = value.clone()
-
-    def __call__(self, x: Tensor) -> ModelOutput:
-        self._recording = True
-        try:
-            logits = self.model(x)
-        finally:
-            self._recording = False
-        features: dict[str, Tensor] = {}
-        for key, spec in self.specs.items():
-            value = self._captures[(spec.parts[0].module, spec.parts[0].use_input)]
-            for part in spec.parts[1:]:
-                value = value + self._captures[(part.module, part.use_input)]
-            for op in spec.ops:
-                value = _OPS[op](value)
-            features[key] = value
-        self._captures = {}
-        return ModelOutput(logits, features)
-
-    def remove(self) -> None:
-        """Take the hooks off the model."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
 
 class CompiledPasses:
@@ -150,11 +76,19 @@ class CompiledPasses:
         self._student_pass = RecordingPass(distiller.student, distiller._student_taps)
         self._teacher_passes = [RecordingPass(t, taps, detach=True)
                                 for t, taps in zip(distiller.teachers, distiller._teacher_taps, strict=True)]
-        self.student = torch.compile(self._student_pass.__call__, **opts)
-        self.teachers = [torch.compile(p.__call__, **opts) for p in self._teacher_passes]
+        self._student = torch.compile(self._student_pass.__call__, **opts)
+        self._teachers = [torch.compile(p.__call__, **opts) for p in self._teacher_passes]
         self.method = torch.compile(distiller.method, **opts)
         self._eval = torch.compile(distiller.student, **opts)
         self._eval_batch: int | None = None
+
+    def student(self, images: Tensor) -> ModelOutput:
+        """The student's training pass with its taps."""
+        return ModelOutput(*self._student(images))
+
+    def teacher(self, index: int, images: Tensor) -> ModelOutput:
+        """Teacher ``index``'s pass with its taps (call it under inference mode)."""
+        return ModelOutput(*self._teachers[index](images))
 
     def evaluate(self, images: Tensor) -> Tensor:
         """The student's logits in evaluation mode; smaller batches are padded to the first one's size."""
