@@ -149,3 +149,48 @@ def test_channels_last_end_to_end_equals_the_default_format():
     assert seen == [True]
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6)
+
+
+class _OwnOnly(torch.nn.Module):
+    """The own-optimizer side of a method: one parameter trained by its own SGD (lr 0.5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+
+    def own_parameters(self):
+        return [self.w]
+
+    def configure_own_optimizer(self):
+        return torch.optim.SGD([self.w], lr=0.5)
+
+    def own_lr(self, main_lr, main_base_lr):
+        return None
+
+
+def test_own_optimizer_joint_step_unscales_float16_loss_scaling_and_skips_infinite_gradients():
+    from kdistill.methods.adversarial import OwnOptimizerStep
+
+    m = _OwnOnly()
+    own = OwnOptimizerStep(m)
+    m.w.grad = torch.tensor([3.0, 1.0]) * 1024.0  # the main loss was multiplied by 1024 before its backward
+    own.after_main_backward(main_loss_scale=1024.0)
+    torch.testing.assert_close(m.w.detach(), torch.tensor([1.0 - 0.5 * 3.0, -2.0 - 0.5 * 1.0]))
+    before = m.w.detach().clone()
+    m.w.grad = torch.tensor([float("inf"), 1.0])  # overflow: the scaler skips the main step, and so do we
+    own.after_main_backward(main_loss_scale=1024.0)
+    assert torch.equal(m.w.detach(), before) and m.w.grad is None
+
+
+def test_own_optimizer_separate_step_with_a_loss_scaler_equals_the_plain_step():
+    from kdistill.methods.adversarial import OwnOptimizerStep
+
+    results = []
+    for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**12)):
+        m = _OwnOnly()
+        own = OwnOptimizerStep(m, scaler)
+        own.separate_step({"d": (m.w ** 2).sum()})  # gradient 2w
+        results.append(m.w.detach().clone())
+        assert "grad_scaler" in own.state_dict() if scaler is not None else "grad_scaler" not in own.state_dict()
+    torch.testing.assert_close(results[1], results[0])
+    torch.testing.assert_close(results[0], torch.tensor([1.0 - 0.5 * 2.0, -2.0 - 0.5 * -4.0]))

@@ -61,9 +61,11 @@ class OwnOptimizerStep:
     separately (``separate_step``) or after the main backward (``after_main_backward``).
     """
 
-    def __init__(self, method: Method):
+    def __init__(self, method: Method, grad_scaler: torch.amp.GradScaler | None = None):
         self.method = method
         self.optimizer = method.configure_own_optimizer()
+        # float16 mixed precision: scales the separate step's loss so that small gradients survive
+        self.grad_scaler = grad_scaler if self.optimizer is not None else None
         self._stepped_separately = False
 
     def sync_lr(self, main_optimizer: torch.optim.Optimizer) -> None:
@@ -86,28 +88,52 @@ class OwnOptimizerStep:
         if self.optimizer is None:
             return
         self.optimizer.zero_grad(set_to_none=True)
-        _sum(losses).backward()
-        self.optimizer.step()
+        if self.grad_scaler is None:
+            _sum(losses).backward()
+            self.optimizer.step()
+        else:
+            self.grad_scaler.scale(_sum(losses)).backward()
+            self.grad_scaler.step(self.optimizer)  # unscales; skipped when a gradient is not finite
+            self.grad_scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self._stepped_separately = True
 
-    def after_main_backward(self) -> None:
-        """Joint step on the main loss's gradients unless this step already had a separate one."""
+    def after_main_backward(self, main_loss_scale: float | None = None) -> None:
+        """Joint step on the main loss's gradients unless this step already had a separate one.
+
+        ``main_loss_scale``: the factor the main loss was multiplied by before its backward (float16
+        loss scaling, which unscales only the main optimizer's gradients); the own gradients are
+        divided by it, and the step is skipped when one of them is not finite, as the main one is.
+        """
         if self.optimizer is None:
             return
         if not self._stepped_separately:
-            self.optimizer.step()
+            grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            finite = True
+            if main_loss_scale is not None and main_loss_scale != 1.0 and grads:
+                torch._foreach_div_(grads, main_loss_scale)
+                finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+            if finite:
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._stepped_separately = False
 
     def state_dict(self) -> dict[str, Any]:
-        """The own optimizer's state (momentum buffers); checkpoint it next to the main optimizer's."""
-        return {} if self.optimizer is None else self.optimizer.state_dict()
+        """The own optimizer's state (momentum buffers) and, under float16, its loss scaler's; checkpoint
+        it next to the main optimizer's."""
+        if self.optimizer is None:
+            return {}
+        state = self.optimizer.state_dict()
+        return state if self.grad_scaler is None else {**state, "grad_scaler": self.grad_scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``."""
         if self.optimizer is not None and state:
+            state = dict(state)
+            scaler = state.pop("grad_scaler", None)
             self.optimizer.load_state_dict(state)
+            if scaler is not None and self.grad_scaler is not None:
+                self.grad_scaler.load_state_dict(scaler)
 
 
 def train_step(
