@@ -90,7 +90,8 @@ def test_float32_classifier_is_exact_without_autocast_and_float32_under_it():
 
 def test_teacher_precision_follows_the_trainer():
     assert resolve_teacher_precision("auto", "bf16-mixed") == "bf16"
-    assert resolve_teacher_precision("auto", "16-mixed") == "16"
+    assert resolve_teacher_precision("auto", "16-mixed", "gpu") == "16"
+    assert resolve_teacher_precision("auto", "16-mixed", "cpu") == "bf16"  # Lightning's choice on a CPU
     assert resolve_teacher_precision("auto", "32-true") == "32"
     assert resolve_teacher_precision("32", "bf16-mixed") == "32"
     with pytest.raises(ConfigError, match="teacher.precision"):

@@ -100,7 +100,7 @@ def build_run(cfg: Config, data: DataBundle | None = None) -> Built:
     )
     distiller = Distiller(student, teachers, method, teacher_inputs)
     augment = BatchAugment(data.mean, data.std, padding=4 if cfg.data.augment else 0, flip=cfg.data.augment)
-    distiller.configure_teachers(resolve_teacher_precision(cfg.teacher.precision, cfg.trainer.precision),
+    distiller.configure_teachers(resolve_teacher_precision(cfg.teacher.precision, cfg.trainer.precision, cfg.trainer.accelerator),
                                  cfg.teacher.channels_last or cfg.trainer.channels_last)
     distiller.configure_student(channels_last=cfg.trainer.channels_last)
     float32_classifier(distiller.student, cfg.trainer.precision in MIXED_PRECISION)

@@ -27,12 +27,16 @@ MIXED_PRECISION = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 TEACHER_PRECISIONS = ("auto", "32", "bf16", "16")
 
 
-def resolve_teacher_precision(teacher_precision: str, trainer_precision: str) -> str:
-    """The teacher pass's precision (``"32"``, ``"bf16"`` or ``"16"``); ``auto`` follows the trainer."""
+def resolve_teacher_precision(teacher_precision: str, trainer_precision: str, accelerator: str = "auto") -> str:
+    """The teacher pass's precision (``"32"``, ``"bf16"`` or ``"16"``); ``auto`` follows the trainer
+    (Lightning runs ``16-mixed`` as ``bf16-mixed`` on a CPU, and so do the teachers)."""
     if teacher_precision not in TEACHER_PRECISIONS:
         raise ConfigError(f"teacher.precision must be one of {TEACHER_PRECISIONS}, got {teacher_precision!r}")
     if teacher_precision != "auto":
         return teacher_precision
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if trainer_precision == "16-mixed" and on_cpu:
+        return "bf16"
     return {"bf16-mixed": "bf16", "bf16-true": "bf16", "16-mixed": "16"}.get(trainer_precision, "32")
 
 
