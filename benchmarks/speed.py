@@ -7,7 +7,7 @@ background load hits all of them alike:
 * ``student``  the plain student training step (forward, cross-entropy, backward, SGD step);
 * ``teacher``  one teacher inference pass (eval, inference mode, fp32);
 * ``method``   the method's whole step (``Distiller.forward_train`` + backward + SGD step, the
-  reference ``train_step`` of ``kdistill.methods.adversarial``, so MEAL's own optimizer runs too);
+  reference ``train_step`` of ``kdistill.step``, so MEAL's own optimizer runs too);
 * ``modules``  the method's own forward+backward on fixed student/teacher outputs (ReviewKD's ABFs +
   HCL, MEAL's discriminators + losses, KD/DKD's loss alone), so ``method − floor − modules`` is
   the framework's share.
@@ -135,8 +135,8 @@ def build(pair: str, method: str, device: str):
     import torch
 
     import kdistill
-    from kdistill.distiller import Distiller
     from kdistill.methods import build_method
+    from kdistill.step import Distiller
 
     teacher_name, student_name = PAIRS[pair]
     if pair == "tiny":
@@ -155,9 +155,9 @@ def measure_method(pair: str, method: str, args: argparse.Namespace) -> dict[str
     import torch.nn.functional as F
 
     from kdistill.data import BatchAugment, ImageTensors
-    from kdistill.engine.teacher_cache import build_teacher_cache
-    from kdistill.methods.adversarial import OwnOptimizerStep, train_step
+    from kdistill.engine.teacher_cache import CachedTeachers, build_teacher_cache
     from kdistill.methods.base import Batch, ModelOutput, StepInfo
+    from kdistill.step import OwnOptimizerStep, train_step
 
     device = args.device
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
@@ -189,22 +189,22 @@ def measure_method(pair: str, method: str, args: argparse.Namespace) -> dict[str
     if method == "kd+cache":
         cache = build_teacher_cache(d, raw, augment.cpu(), Path(args.tmp) / f"cache-{pair}", views=2, batch_size=n)
         augment.to(device)
+        source = CachedTeachers(cache, augment)
 
         def uncached() -> None:
             batch = Batch(augment(images_u8, train=True), targets, index)
             train_step(d, batch, info, opt, own)
 
         def cached() -> None:
-            batch, outs = cache.training_batch(Batch(images_u8, targets, index), augment, [0])
             opt.zero_grad(set_to_none=True)
-            _, losses = d.forward_train(batch, info, teacher_outputs=outs)
+            _, losses = d.forward_train(Batch(images_u8, targets, index), info, teachers=source)
             torch.stack(list(losses.values())).sum().backward()
             opt.step()
 
         fns.update({"method": uncached, "cached": cached})
     else:
         batch = Batch(x, targets, index)
-        t_out = [d._clone_out(d.teacher_forward(0, x))]
+        t_out = d.teacher_outputs(x, [0])
         s_live = d.student_forward(x)
         s_fixed = ModelOutput(s_live.logits.detach(), {k: v.detach() for k, v in s_live.features.items()})
 

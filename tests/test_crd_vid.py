@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdistill import create_model
-from kdistill.distiller import Distiller
 from kdistill.losses import ContrastMemory, CRDLoss, VIDLoss, crd_nce_loss
 from kdistill.methods import Batch, StepInfo, build_method
+from kdistill.step import Distiller
 from kdistill.utils import ConfigError
 
 

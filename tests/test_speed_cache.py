@@ -12,10 +12,10 @@ import torch.nn.functional as F
 import kdistill
 from kdistill.cli import main
 from kdistill.data import BatchAugment, ImageTensors
-from kdistill.distiller import Distiller, classifier_head
 from kdistill.engine.teacher_cache import TeacherCacheError, build_teacher_cache, load_teacher_cache
 from kdistill.methods import build_method
 from kdistill.methods.base import Batch, StepInfo
+from kdistill.step import Distiller, FixedTeachers, classifier_head
 
 NUM_CLASSES = 10
 
@@ -116,7 +116,7 @@ def test_distill_loss_with_the_cache_equals_the_loss_with_the_teacher(built) -> 
     d.train()
     info = StepInfo(epoch=0, step=0, max_epochs=1)
     torch.manual_seed(0)
-    _, with_cache = d.forward_train(batch, info, teacher_outputs=outs)
+    _, with_cache = d.forward_train(batch, info, teachers=FixedTeachers(outs))
     torch.manual_seed(0)
     _, with_teacher = d.forward_train(batch, info)
     assert with_cache.keys() == with_teacher.keys() == {"ce", "kd"}
@@ -192,9 +192,9 @@ def test_teacher_bf16_autocast_path_and_agreement() -> None:
     head = classifier_head(d.teachers[0])
     head_io: list[tuple[torch.dtype, torch.dtype]] = []
     head_hook = head.register_forward_hook(lambda m, i, o: head_io.append((i[0].dtype, o.dtype)))
-    ref = d._clone_out(d.teacher_forward(0, x)).logits
+    ref = d.teacher_outputs(x, [0])[0].logits
     d.configure_teachers("bf16")
-    low = d._clone_out(d.teacher_forward(0, x)).logits
+    low = d.teacher_outputs(x, [0])[0].logits
     hook.remove()
     head_hook.remove()
     assert dtypes == [torch.float32, torch.bfloat16]
@@ -206,7 +206,7 @@ def test_teacher_bf16_autocast_path_and_agreement() -> None:
     assert under_autocast.dtype == torch.float32
     assert torch.equal(under_autocast, torch.nn.functional.linear(feats.float(), head.weight, head.bias))
     d.configure_teachers("32")
-    assert "forward" not in head.__dict__ and torch.equal(d._clone_out(d.teacher_forward(0, x)).logits, ref)
+    assert "forward" not in head.__dict__ and torch.equal(d.teacher_outputs(x, [0])[0].logits, ref)
     d.configure_teachers("bf16")
     assert low.dtype == torch.float32 and ref.dtype == torch.float32  # losses always see float32
     assert not torch.equal(low, ref)

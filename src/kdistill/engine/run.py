@@ -277,9 +277,7 @@ def evaluate(path: str | Path, cfg: Config | None = None) -> dict[str, float]:
     """Evaluate a run / export / checkpoint on the validation split of its recipe's data."""
     model, card = load_from_run(path)
     if cfg is None:
-        from kdistill.config import _build
-
-        cfg = _build(Config, card["recipe"])
+        cfg = Config.from_dict(card["recipe"])
     data = load_data(cfg)
     if data.num_classes != card["num_classes"]:
         raise ConfigError(f"the model has {card['num_classes']} classes but the data set has {data.num_classes}")

@@ -32,8 +32,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from kdistill.data import BatchAugment, ImageTensors
-from kdistill.distiller import Distiller
 from kdistill.methods.base import Batch, ModelOutput
+from kdistill.step import Distiller
 from kdistill.utils import ConfigError, unknown_name_error
 
 FORMAT = "kdistill-teacher-cache/1"
@@ -152,6 +152,19 @@ class TeacherCache:
         device = images.device
         outputs = [ModelOutput(self.logits(t, batch.index, view).to(device)) for t in teachers]
         return Batch(images, batch.targets, batch.index), outputs
+
+
+class CachedTeachers:
+    """A ``TeacherSource`` (``kdistill.step``) reading a ``TeacherCache``: batches arrive as uint8
+    images with their indices; each sample draws one cached view, the student trains on exactly
+    that view (augmented and normalised here) and the method gets that view's cached logits."""
+
+    def __init__(self, cache: TeacherCache, augment: BatchAugment):
+        self.cache = cache
+        self.augment = augment
+
+    def __call__(self, batch: Batch, selected: Sequence[int]) -> tuple[Batch, list[ModelOutput]]:
+        return self.cache.training_batch(batch, self.augment, selected)
 
 
 def _check_usable(distiller: Distiller) -> None:
