@@ -21,6 +21,7 @@ from kdistill.data import DataBundle, ImageTensors, make_loader
 from kdistill.engine.build import Built, build_run, load_data
 from kdistill.engine.callbacks import AtomicCheckpointIO, Throughput
 from kdistill.engine.module import DistillModule
+from kdistill.files import atomic_write
 from kdistill.models import create_model
 from kdistill.utils import ConfigError
 
@@ -293,9 +294,8 @@ def export(path: str | Path, out: str | Path, onnx: bool = False) -> list[Path]:
         onnx_path = out.with_suffix(".onnx")
         dummy = torch.zeros(1, *card["input_size"])
         model.eval()
-        tmp = onnx_path.with_name(f".{onnx_path.name}.tmp")
-        torch.onnx.export(model, (dummy,), str(tmp), input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-        os.replace(tmp, onnx_path)
+        atomic_write(onnx_path, lambda tmp: torch.onnx.export(
+            model, (dummy,), str(tmp), input_names=["images"], output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False))
         written.append(onnx_path)
     return written

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from kdistill.data import BatchAugment, ImageTensors
+from kdistill.files import atomic_write, atomic_write_json
 from kdistill.methods.base import Batch, ModelOutput
 from kdistill.step import Distiller
 from kdistill.utils import ConfigError, unknown_name_error
@@ -259,12 +259,8 @@ def build_teacher_cache(
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).unlink(missing_ok=True)  # an interrupted rebuild must not look complete
-    tmp = folder / ".tensors.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, folder / "tensors.safetensors")
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, folder / MANIFEST)
+    atomic_write(folder / "tensors.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write_json(folder / MANIFEST, manifest)
     return _from_tensors(manifest, tensors)
 
 
