@@ -43,7 +43,7 @@ def make_step(d: Any, opt: Any, own: Any, bf16: bool, device: str) -> Callable[[
     """The engine's step: forward under the mode's autocast, backward and optimizer steps outside it."""
     import torch
 
-    from kdistill.methods.adversarial import _sum
+    from kdistill.step import sum_losses
 
     def step(batch: Any, info: Any) -> dict[str, Any]:
         own.sync_lr(opt)
@@ -51,7 +51,7 @@ def make_step(d: Any, opt: Any, own: Any, bf16: bool, device: str) -> Callable[[
         own.zero_grad()
         with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=bf16):
             _, losses = d.forward_train(batch, info, own_step=own.separate_step)
-        _sum(losses).backward()
+        sum_losses(losses).backward()
         own.after_main_backward()
         opt.step()
         return losses
@@ -59,8 +59,10 @@ def make_step(d: Any, opt: Any, own: Any, bf16: bool, device: str) -> Callable[[
     return step
 
 
-def build_mode(pair: str, method: str, mode: str, device: str, build: Callable[..., Any]) -> Any:
+def build_mode(pair: str, method: str, mode: str, device: str) -> Any:
+    """The distiller of one row in one mode (``build`` of ``speed_measure``, the same seed in every mode)."""
     import torch
+    from speed_measure import build
 
     from kdistill.engine.compile import compile_distiller
     from kdistill.engine.precision import float32_classifier
@@ -83,29 +85,29 @@ def build_mode(pair: str, method: str, mode: str, device: str, build: Callable[.
     return d
 
 
-def measure_modes(pair: str, method: str, args: Any, build: Callable[..., Any], batch_size: int,
-                  num_classes: int, methods_options: dict[str, Any]) -> dict[str, Any]:
+def measure_modes(pair: str, method: str, args: Any) -> dict[str, Any]:
     """One row: every mode of ``args.modes`` built, compiled, then timed interleaved."""
     import resource
 
     import torch
+    from speed_measure import NUM_CLASSES
 
     from kdistill.engine.compile import compile_stats, use_compile_cache
-    from kdistill.methods.adversarial import OwnOptimizerStep
     from kdistill.methods.base import Batch, StepInfo
+    from kdistill.step import OwnOptimizerStep
 
     Path(args.tmp).mkdir(parents=True, exist_ok=True)
     cache = use_compile_cache(args.compile_cache or tempfile.mkdtemp(prefix="inductor-", dir=args.tmp))
     device = args.device
     modes = [m for m in args.modes.split(",") if "bf16" not in m or native_bf16() or device.startswith("cuda")]
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch_size, 3, 32, 32, generator=g).to(device)
-    targets = torch.randint(0, num_classes, (batch_size,), generator=g).to(device)
-    index = torch.randint(0, 50_000, (batch_size,), generator=g).to(device)
+    x = torch.randn(args.batch, 3, 32, 32, generator=g).to(device)
+    targets = torch.randint(0, NUM_CLASSES, (args.batch,), generator=g).to(device)
+    index = torch.randint(0, 50_000, (args.batch,), generator=g).to(device)
     load0 = os.getloadavg()
     runs: dict[str, dict[str, Any]] = {}
     for mode in modes:
-        d = build_mode(pair, method, mode, device, build)
+        d = build_mode(pair, method, mode, device)
         opt = torch.optim.SGD(d.trainable_parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
         own = OwnOptimizerStep(d.method)
         step = make_step(d, opt, own, "bf16" in mode, device)
@@ -129,7 +131,7 @@ def measure_modes(pair: str, method: str, args: Any, build: Callable[..., Any], 
             r["cpu"].append(time.thread_time() - c0)
             r["wall"].append(time.perf_counter() - w0)
     eager_total = sum(runs.get("eager", runs[modes[0]])["losses"].values())
-    result: dict[str, Any] = {"pair": pair, "method": f"{method}@modes", "batch": batch_size, "steps": args.steps,
+    result: dict[str, Any] = {"pair": pair, "method": f"{method}@modes", "batch": args.batch, "steps": args.steps,
                               "load": [load0, os.getloadavg()], "native_bf16": native_bf16(), "modes": {},
                               "compile": compile_stats(), "cache_dir": str(cache),
                               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}

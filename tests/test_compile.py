@@ -11,13 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from kdistill.distiller import Distiller
 from kdistill.engine.compile import COMPILE_MODES, compile_distiller, compile_stats, use_compile_cache
 from kdistill.features import FeatureRecorder, RecordingPass
 from kdistill.losses import dkd_loss
 from kdistill.methods import build_method
-from kdistill.methods.adversarial import OwnOptimizerStep, train_step
 from kdistill.methods.base import Batch, StepInfo
+from kdistill.step import Distiller, OwnOptimizerStep, train_step
 from kdistill.utils import ConfigError
 
 TAPS = {"stage1": "relu1", "stage2": "relu2", "pooled": "pool"}

@@ -170,7 +170,7 @@ class _OwnOnly(torch.nn.Module):
 
 
 def test_own_optimizer_joint_step_unscales_float16_loss_scaling_and_skips_infinite_gradients():
-    from kdistill.methods.adversarial import OwnOptimizerStep
+    from kdistill.step import OwnOptimizerStep
 
     m = _OwnOnly()
     own = OwnOptimizerStep(m)
@@ -184,7 +184,7 @@ def test_own_optimizer_joint_step_unscales_float16_loss_scaling_and_skips_infini
 
 
 def test_own_optimizer_separate_step_with_a_loss_scaler_equals_the_plain_step():
-    from kdistill.methods.adversarial import OwnOptimizerStep
+    from kdistill.step import OwnOptimizerStep
 
     results = []
     for scaler in (None, torch.amp.GradScaler("cpu", init_scale=2.0**12)):

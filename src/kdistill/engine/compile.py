@@ -73,9 +73,9 @@ class CompiledPasses:
         # object: one per network, with room for a symbolic-batch recompile each
         limit = 2 * (1 + len(distiller.teachers)) + 2
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-        self._student_pass = RecordingPass(distiller.student, distiller._student_taps)
+        self._student_pass = RecordingPass(distiller.student, distiller.student_taps)
         self._teacher_passes = [RecordingPass(t, taps, detach=True)
-                                for t, taps in zip(distiller.teachers, distiller._teacher_taps, strict=True)]
+                                for t, taps in zip(distiller.teachers, distiller.teacher_taps, strict=True)]
         self._student = torch.compile(self._student_pass.__call__, **opts)
         self._teachers = [torch.compile(p.__call__, **opts) for p in self._teacher_passes]
         self.method = torch.compile(distiller.method, **opts)

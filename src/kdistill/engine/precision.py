@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kdistill.distiller import _fp32_linear_forward, classifier_head
+from kdistill.step import _fp32_linear_forward, classifier_head
 from kdistill.utils import ConfigError
 
 MIXED_PRECISION = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
