@@ -88,15 +88,18 @@ class TrainerConfig:
     check_val_every_n_epoch: int = 1
     gradient_clip_val: float | None = None
     compile: bool = False
+    compile_mode: str = "default"
+    channels_last: bool = False
     progress_bar: bool = True
 
 
 @dataclass
 class TeacherRunConfig:
-    """How teachers run: the precision of their inference pass (``32``, or ``bf16`` autocast), their
+    """How teachers run: the precision of their inference pass (``auto`` follows ``trainer.precision``;
+    ``32``, ``bf16`` or ``16`` autocast), their
     memory format, and an optional teacher-output cache folder (``kdistill cache-teacher``)."""
 
-    precision: str = "32"
+    precision: str = "auto"
     channels_last: bool = False
     cache: str | None = None
 
