@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,14 +15,18 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from kdistill.checkpoint import CheckpointError, load_weights, read_card, save_student
+from kdistill.checkpoint import CheckpointError, atomic_write, load_weights, read_card, save_student
 from kdistill.config import Config, TrainerConfig
 from kdistill.data import DataBundle, ImageTensors, make_loader
 from kdistill.engine.build import Built, build_run, load_data
 from kdistill.engine.callbacks import AtomicCheckpointIO, Throughput
 from kdistill.engine.module import DistillModule
+from kdistill.engine.resume import AppendingCSVLogger, RecordConfig, ResumableLoader, plan_resume
+from kdistill.engine.rundir import claim, is_main_process, take_ownership
+from kdistill.engine.signals import RunInterrupted, StopOnSignal
 from kdistill.models import create_model
 from kdistill.utils import ConfigError
 
@@ -36,8 +42,10 @@ class TensorDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         t = self.trainer
-        return make_loader(self.data.train, self.cfg.data.batch_size, True, self.cfg.seed,
-                           t.global_rank, t.world_size, self.cfg.data.num_workers)
+        loader = make_loader(self.data.train, self.cfg.data.batch_size, True, self.cfg.seed,
+                             t.global_rank, t.world_size, self.cfg.data.num_workers, loader_class=ResumableLoader)
+        loader.progress = lambda: t.fit_loop.epoch_loop.batch_progress.current.processed
+        return loader
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
         t = self.trainer
@@ -78,6 +86,12 @@ class History(L.Callback):
             "val_top5": float(m.get("val/top5", float("nan"))),
             "train_loss": float(m.get("train/loss", float("nan"))),
         })
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}  # saved in checkpoints: a resumed run appends to the history
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows = list(state.get("rows", []))
 
 
 @dataclass
@@ -165,7 +179,7 @@ def make_trainer(cfg: Config, out: Path, callbacks: list[L.Callback], enable_che
     # accuracy stalls would resume from a stale epoch
     last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1, monitor=None,
                            every_n_epochs=1, enable_version_counter=False)
-    loggers = [CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="tb", version="")]
+    loggers = [AppendingCSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="tb", version="")]
     extra = {k: v for k, v in (("limit_train_batches", t.limit_train_batches),
                                 ("limit_val_batches", t.limit_val_batches)) if v is not None}
     return L.Trainer(
@@ -178,9 +192,25 @@ def make_trainer(cfg: Config, out: Path, callbacks: list[L.Callback], enable_che
     )
 
 
-def fit(cfg: Config, resume: bool = False, built: Built | None = None) -> RunResult:
-    """Train (method ``ce``) or distill as the recipe says; export the final student."""
-    out = ensure_writable(cfg.output)
+class RunAlreadyFinished(Exception):
+    """``--resume`` of a run that has trained all its epochs; nothing was changed."""
+
+
+def fit(cfg: Config, resume: bool = False, built: Built | None = None, overwrite: bool = False) -> RunResult:
+    """Train (method ``ce``) or distill as the recipe says; export the final student.
+
+    The output folder is claimed first (``engine.rundir``: a new or empty folder, the run's own on
+    ``resume``, the old one moved aside on ``overwrite``) and locked while the run uses it."""
+    if not is_main_process():  # other ranks of a distributed launch write through rank 0
+        return _fit(cfg, resume, built, ensure_writable(cfg.output), None)
+    run = claim(cfg.output, resume=resume, overwrite=overwrite)
+    try:
+        return _fit(cfg, resume, built, run.path, run)
+    finally:
+        run.release()
+
+
+def _fit(cfg: Config, resume: bool, built: Built | None, out: Path, run: Any) -> RunResult:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     built = built or build_run(cfg)
     if cfg.trainer.compile:
@@ -190,21 +220,41 @@ def fit(cfg: Config, resume: bool = False, built: Built | None = None) -> RunRes
     module = DistillModule(cfg, built.distiller, built.augment, built.data.num_classes, built.teacher_cache)
     dm = TensorDataModule(built.data, cfg)
     history, speed = History(), Throughput()
-    trainer = make_trainer(cfg, out, [history, speed])
+    stop = StopOnSignal(out / "checkpoints" / "last.ckpt")
+    trainer = make_trainer(cfg, out, [history, speed, stop, RecordConfig(cfg.to_dict())])
     world = max(1, trainer.world_size)
     module.steps_per_epoch = len(make_loader(built.data.train, cfg.data.batch_size, True, world_size=world))
     ckpt_path = None
     if resume:
-        last = out / "checkpoints" / "last.ckpt"
-        if not last.is_file():
-            raise ConfigError(f"--resume: no checkpoint at {str(last)!r}")
-        ckpt_path = str(last)
-        AtomicCheckpointIO().load_checkpoint(last)  # refuse a damaged checkpoint before touching the folder
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    (out / "run.json").write_text(json.dumps(card_for(cfg, built.data, {}), indent=2, default=str))
+        # the checkpoint and every changed setting are checked before the folder is written to
+        plan = plan_resume(out, cfg.to_dict(), module.steps_per_epoch)
+        if plan.finished(cfg.trainer.max_epochs):
+            raise RunAlreadyFinished(
+                f"the run in {str(out)!r} has already trained {plan.epochs_done} epochs (trainer.max_epochs="
+                f"{cfg.trainer.max_epochs}); nothing was changed. To train longer, resume with a larger "
+                "trainer.max_epochs")
+        ckpt_path = str(plan.checkpoint)
+        for key, (was, now) in plan.changes.items():
+            print(f"resume: {key} changes from {was!r} to {now!r}")
+        if run is not None and plan.changes:
+            run.record(resumes=[{"epochs_done": plan.epochs_done,
+                                 "changes": {k: list(v) for k, v in plan.changes.items()}}])
+    if run is not None:
+        take_ownership(run, " ".join(["kdistill", *sys.argv[1:]]))
+        _write_json(out / "config.json", cfg.to_dict())
+        _write_json(out / "run.json", card_for(cfg, built.data, {}))
     start = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    stop.install()  # a signal while Lightning sets up also stops cleanly
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    except SIGTERMException as exc:  # Lightning's own handler got there first: no checkpoint of this step
+        raise RunInterrupted(signal.SIGTERM, None, trainer.current_epoch, trainer.global_step) from exc
+    finally:
+        stop.restore()
     seconds = time.perf_counter() - start
+    if stop.signum is not None:  # a signal during the last epoch's validation, after training ended
+        raise RunInterrupted(stop.signum, out / "checkpoints" / "last.ckpt", trainer.current_epoch,
+                             trainer.global_step)
     if trainer.interrupted:
         raise KeyboardInterrupt
     ckpt_cb = trainer.checkpoint_callback
@@ -219,8 +269,12 @@ def fit(cfg: Config, resume: bool = False, built: Built | None = None) -> RunRes
                    "train_seconds": seconds, "peak_memory_mb": peak_memory_mb()}
         result.export = save_student(built.distiller.student, out / "student.safetensors",
                                      card_for(cfg, built.data, metrics))
-        (out / "metrics.json").write_text(json.dumps({**metrics, "history": history.rows}, indent=2))
+        _write_json(out / "metrics.json", {**metrics, "history": history.rows})
     return result
+
+
+def _write_json(path: Path, data: Any) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, default=str)))
 
 
 @torch.no_grad()
