@@ -12,9 +12,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
+from kdistill.config_values import check_values
 from kdistill.recipes import find_recipe, load_recipe, recipes_dir  # noqa: F401  (find_recipe, recipes_dir: API)
+from kdistill.safe_yaml import load_yaml, short_repr
 from kdistill.utils import ConfigError, unknown_name_error
 
 
@@ -154,16 +154,19 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
                 return _coerce(path, value, arg)
             except ConfigError:
                 continue
-        raise ConfigError(f"{path}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        raise ConfigError(f"{path}: expected {' or '.join(_type_name(a) for a in args)}, got {short_repr(value)}")
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
+            raise ConfigError(f"{path}: expected a list, got {short_repr(value)}")
         (item,) = typing.get_args(tp)
-        return [_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
+        # sections in a list are named as overrides name them (teachers.0.model); values by index (mean[0])
+        sep = "." if dataclasses.is_dataclass(item) else "["
+        return [_coerce(f"{path}.{i}" if sep == "." else f"{path}[{i}]", v, item) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        return dict(value)
+            raise ConfigError(f"{path}: expected a mapping, got {short_repr(value)}")
+        key_type, item_type = typing.get_args(tp) or (Any, Any)
+        return {_coerce(f"{path}.{k}", k, key_type): _coerce(f"{path}.{k}", v, item_type) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path)
     if tp is float:
@@ -173,21 +176,21 @@ def _coerce(path: str, value: Any, tp: Any) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
+            raise ConfigError(f"{path}: expected a number, got {short_repr(value)}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+            raise ConfigError(f"{path}: expected an integer, got {short_repr(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+            raise ConfigError(f"{path}: expected true or false, got {short_repr(value)}")
         return value
     if tp is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # e.g. teacher.precision=32
         if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
+            raise ConfigError(f"{path}: expected a string, got {short_repr(value)}")
         return value
     return value
 
@@ -196,7 +199,7 @@ def _build(cls: type, raw: Any, path: str = "") -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path or 'recipe'}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"{path or 'recipe'}: expected a mapping, got {short_repr(raw)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -214,10 +217,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"malformed override {text!r}: expected key=value, for example optim.lr=0.05")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    value = load_yaml(raw, f"override {short_repr(text)}: value") if raw.strip() else None
     return key, value
 
 
@@ -274,7 +274,7 @@ def build_config(recipe: str | None = None, overrides: list[str] | None = None, 
 def validate(cfg: Config) -> None:
     """Names and ranges that a dataclass type cannot express."""
     from kdistill.data import DATASETS
-    from kdistill.methods import method_class, method_options
+    from kdistill.methods import list_methods, method_class, method_options
     from kdistill.models import is_known_model, list_models
 
     flat = {
@@ -293,6 +293,8 @@ def validate(cfg: Config) -> None:
     ]:
         if not is_known_model(model):
             raise unknown_name_error(f"model for {where}", model, [*list_models(), "torchvision.<name>", "timm.<name>"])
+    if cfg.method.name not in list_methods():
+        raise ConfigError(f"method.name: {unknown_name_error('method', cfg.method.name, list_methods())}")
     method_class(cfg.method.name)
     allowed = method_options(cfg.method.name)
     for key in cfg.method.options:
@@ -321,3 +323,4 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
     if not 0 < cfg.optim.gamma <= 1:
         raise ConfigError(f"optim.gamma must be in (0, 1], got {cfg.optim.gamma}")
+    check_values(cfg)

@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from kdistill.checkpoint import CheckpointError, atomic_write, load_weights, read_card, save_student
 from kdistill.config import Config, TrainerConfig
@@ -180,16 +180,22 @@ def make_trainer(cfg: Config, out: Path, callbacks: list[L.Callback], enable_che
     last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1, monitor=None,
                            every_n_epochs=1, enable_version_counter=False)
     loggers = [AppendingCSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="tb", version="")]
-    extra = {k: v for k, v in (("limit_train_batches", t.limit_train_batches),
-                                ("limit_val_batches", t.limit_val_batches)) if v is not None}
-    return L.Trainer(
-        max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-        strategy=make_strategy(t), precision=t.precision, log_every_n_steps=t.log_every_n_steps,
-        check_val_every_n_epoch=t.check_val_every_n_epoch, gradient_clip_val=t.gradient_clip_val,
-        callbacks=[*callbacks, best, last] if enable_checkpoints else callbacks, logger=loggers,
-        plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
-        enable_progress_bar=t.progress_bar, enable_model_summary=False, num_sanity_val_steps=0, **extra,
-    )
+    # a whole number above 1 is a count of batches for Lightning, a float in (0, 1] a fraction
+    extra = {k: (int(v) if v > 1 else v) for k, v in (("limit_train_batches", t.limit_train_batches),
+                                                      ("limit_val_batches", t.limit_val_batches)) if v is not None}
+    try:
+        return L.Trainer(
+            max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+            strategy=make_strategy(t), precision=t.precision, log_every_n_steps=t.log_every_n_steps,
+            check_val_every_n_epoch=t.check_val_every_n_epoch, gradient_clip_val=t.gradient_clip_val,
+            callbacks=[*callbacks, best, last] if enable_checkpoints else callbacks, logger=loggers,
+            plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
+            enable_progress_bar=t.progress_bar, enable_model_summary=False, num_sanity_val_steps=0, **extra,
+        )
+    except (MisconfigurationException, ValueError, ImportError) as exc:  # a trainer.* value Lightning refuses
+        raise ConfigError(f"Lightning refused the trainer settings (trainer.accelerator={t.accelerator!r}, "
+                          f"trainer.devices={t.devices!r}, trainer.strategy={t.strategy!r}, trainer.precision="
+                          f"{t.precision!r}): {exc}") from exc
 
 
 class RunAlreadyFinished(Exception):
@@ -206,6 +212,9 @@ def fit(cfg: Config, resume: bool = False, built: Built | None = None, overwrite
     run = claim(cfg.output, resume=resume, overwrite=overwrite)
     try:
         return _fit(cfg, resume, built, run.path, run)
+    except ConfigError:
+        run.discard_if_unused()
+        raise
     finally:
         run.release()
 

@@ -36,6 +36,12 @@ class RunFolder:
     fd: int
     resumed: bool
     replaced: Path | None = None
+    created: bool = False  # the folder did not exist before this run
+
+    def discard_if_unused(self) -> None:
+        """Remove the folder again if this run created it and wrote nothing (a check failed after claiming)."""
+        if self.created and self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()
 
     def release(self) -> None:
         """Drop the lock (the kernel also drops it when the process ends)."""
@@ -181,13 +187,14 @@ def claim(output: str | Path, resume: bool = False, overwrite: bool = False) -> 
                               f"{exc.strerror or exc}") from exc
         log.warning("moved the previous contents of %s to %s", folder, replaced)
         print(f"moved the previous contents of {folder} to {replaced}")
+    created = not folder.exists()
     _mkdir(folder)
     fd = _lock(folder)
     if [n for n in _contents(folder) if not n.startswith(".write-test-")]:  # another run got here first
         os.close(fd)
         raise ConfigError(f"output folder {str(folder)!r} was filled by another process while starting; "
                           "nothing was changed")
-    return RunFolder(folder, fd, resumed=False, replaced=replaced)
+    return RunFolder(folder, fd, resumed=False, replaced=replaced, created=created)
 
 
 def take_ownership(run: RunFolder, command: str) -> None:
