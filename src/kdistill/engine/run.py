@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
+from kdistill.card import export_paths, read_card_file
 from kdistill.checkpoint import CheckpointError, atomic_write, load_weights, read_card, save_student
 from kdistill.config import Config, TrainerConfig
 from kdistill.data import DataBundle, ImageTensors, make_loader
@@ -329,7 +330,7 @@ def load_from_run(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         card_path = run / "run.json"
         if not card_path.is_file():
             raise CheckpointError(f"cannot find the run's card {str(card_path)!r} next to {str(path)!r}")
-        card = json.loads(card_path.read_text())
+        card = read_card_file(card_path, path)
         model = create_model(card["model"], num_classes=card["num_classes"], **card.get("model_kwargs", {}))
         load_weights(model, path, prefix="distiller.student.")
         return model, card
@@ -351,11 +352,10 @@ def evaluate(path: str | Path, cfg: Config | None = None) -> dict[str, float]:
 
 def export(path: str | Path, out: str | Path, onnx: bool = False) -> list[Path]:
     """Write the student as safetensors (+ card) and optionally ONNX; returns the written files."""
+    out, card_path, onnx_path = export_paths(out, onnx)  # three distinct files, checked before reading
     model, card = load_from_run(path)
-    out = Path(out)
-    written = [save_student(model, out, card), out.with_suffix(".json")]
-    if onnx:
-        onnx_path = out.with_suffix(".onnx")
+    written = [save_student(model, out, card), card_path]
+    if onnx_path is not None:
         dummy = torch.zeros(1, *card["input_size"])
         model.eval()
         tmp = onnx_path.with_name(f".{onnx_path.name}.tmp")
