@@ -23,6 +23,7 @@ from kdistill.config import Config
 from kdistill.data import BatchAugment
 from kdistill.distiller import Distiller
 from kdistill.engine.allocator import keep_freed_memory
+from kdistill.engine.nonfinite import diagnose
 from kdistill.engine.schedule import lr_factor
 from kdistill.engine.teacher_cache import TeacherCache
 from kdistill.methods.adversarial import OwnOptimizerStep
@@ -188,9 +189,10 @@ class DistillModule(L.LightningModule):
         logits, losses = self.distiller.forward_train(batch, info, teacher_outputs=teacher_outputs, own_step=own_step)
         for name, value in losses.items():
             if not torch.isfinite(value).all():
+                cause = diagnose(self.distiller, batch.images, self.augment, losses, teacher_outputs)
                 raise NonFiniteLossError(
                     f"loss term {name!r} is {value.item()} at epoch {self.current_epoch}, step {self.global_step}; "
-                    "training stopped, the last good checkpoint is kept"
+                    f"{cause}; training stopped, the last good checkpoint is kept"
                 )
         total = torch.stack([v.float() for v in losses.values()]).sum()
         bs = len(batch.targets)
