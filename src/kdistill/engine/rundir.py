@@ -112,7 +112,8 @@ def is_locked(folder: Path) -> bool:
 
 
 def _contents(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir())
+    # another rank's write probe (ensure_writable) is not content
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith(".write-test-"))
 
 
 def clean_temp_files(folder: Path) -> list[Path]:
@@ -190,7 +191,7 @@ def claim(output: str | Path, resume: bool = False, overwrite: bool = False) -> 
     created = not folder.exists()
     _mkdir(folder)
     fd = _lock(folder)
-    if [n for n in _contents(folder) if not n.startswith(".write-test-")]:  # another run got here first
+    if _contents(folder):  # another run got here first
         os.close(fd)
         raise ConfigError(f"output folder {str(folder)!r} was filled by another process while starting; "
                           "nothing was changed")
