@@ -11,10 +11,10 @@ from safetensors.torch import save_file
 
 from kdistill.cli import main
 from kdistill.data import BatchAugment
-from kdistill.distiller import Distiller
 from kdistill.engine.nonfinite import diagnose
 from kdistill.methods import build_method
 from kdistill.models import create_model
+from kdistill.step import Distiller
 
 COMMON = ["model=cifar.resnet8", "data.batch_size=8", "data.eval_batch_size=8", "trainer.max_epochs=1",
           "trainer.progress_bar=false"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -19,7 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from kdistill.card import export_paths, read_card_file
-from kdistill.checkpoint import CheckpointError, atomic_write, load_weights, read_card, save_student
+from kdistill.checkpoint import CheckpointError, load_weights, read_card, save_student
 from kdistill.config import Config, TrainerConfig
 from kdistill.data import DataBundle, ImageTensors, make_loader
 from kdistill.engine.build import Built, build_run, load_data
@@ -28,6 +27,7 @@ from kdistill.engine.module import DistillModule
 from kdistill.engine.resume import AppendingCSVLogger, RecordConfig, ResumableLoader, plan_resume
 from kdistill.engine.rundir import claim, is_main_process, take_ownership
 from kdistill.engine.signals import RunInterrupted, StopOnSignal
+from kdistill.files import atomic_write, atomic_write_json
 from kdistill.models import create_model
 from kdistill.utils import ConfigError
 
@@ -251,8 +251,8 @@ def _fit(cfg: Config, resume: bool, built: Built | None, out: Path, run: Any) ->
                                  "changes": {k: list(v) for k, v in plan.changes.items()}}])
     if run is not None:
         take_ownership(run, " ".join(["kdistill", *sys.argv[1:]]))
-        _write_json(out / "config.json", cfg.to_dict())
-        _write_json(out / "run.json", card_for(cfg, built.data, {}))
+        atomic_write_json(out / "config.json", cfg.to_dict())
+        atomic_write_json(out / "run.json", card_for(cfg, built.data, {}))
     start = time.perf_counter()
     stop.install()  # a signal while Lightning sets up also stops cleanly
     try:
@@ -279,12 +279,8 @@ def _fit(cfg: Config, resume: bool, built: Built | None, out: Path, run: Any) ->
                    "train_seconds": seconds, "peak_memory_mb": peak_memory_mb()}
         result.export = save_student(built.distiller.student, out / "student.safetensors",
                                      card_for(cfg, built.data, metrics))
-        _write_json(out / "metrics.json", {**metrics, "history": history.rows})
+        atomic_write_json(out / "metrics.json", {**metrics, "history": history.rows})
     return result
-
-
-def _write_json(path: Path, data: Any) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, default=str)))
 
 
 @torch.no_grad()
@@ -341,9 +337,7 @@ def evaluate(path: str | Path, cfg: Config | None = None) -> dict[str, float]:
     """Evaluate a run / export / checkpoint on the validation split of its recipe's data."""
     model, card = load_from_run(path)
     if cfg is None:
-        from kdistill.config import _build
-
-        cfg = _build(Config, card["recipe"])
+        cfg = Config.from_dict(card["recipe"])
     data = load_data(cfg)
     if data.num_classes != card["num_classes"]:
         raise ConfigError(f"the model has {card['num_classes']} classes but the data set has {data.num_classes}")
@@ -358,9 +352,8 @@ def export(path: str | Path, out: str | Path, onnx: bool = False) -> list[Path]:
     if onnx_path is not None:
         dummy = torch.zeros(1, *card["input_size"])
         model.eval()
-        tmp = onnx_path.with_name(f".{onnx_path.name}.tmp")
-        torch.onnx.export(model, (dummy,), str(tmp), input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-        os.replace(tmp, onnx_path)
+        atomic_write(onnx_path, lambda tmp: torch.onnx.export(
+            model, (dummy,), str(tmp), input_names=["images"], output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False))
         written.append(onnx_path)
     return written

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kdistill.files import atomic_write_json
 from kdistill.utils import ConfigError
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,7 @@ def read_marker(folder: Path) -> dict[str, Any] | None:
 
 
 def _write_marker(folder: Path, data: dict[str, Any]) -> None:
-    from kdistill.checkpoint import atomic_write
-
-    atomic_write(folder / MARKER, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, default=str)))
+    atomic_write_json(folder / MARKER, data)
 
 
 def _holder(folder: Path) -> str:
