@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from kdistill.cli import main
-from kdistill.config import Config, _build, build_config, validate
+from kdistill.config import Config, build_config, validate
 from kdistill.config_values import RULES, free, schema_leaves
 from kdistill.utils import ConfigError
 
@@ -98,7 +98,7 @@ def test_every_schema_key_has_a_rule() -> None:
 
 
 def test_base_config_is_valid() -> None:
-    validate(_build(Config, BASE))
+    validate(Config.from_dict(BASE))
 
 
 def test_fuzz_every_key_wrong_type_out_of_range_empty_nested() -> None:
@@ -107,7 +107,7 @@ def test_fuzz_every_key_wrong_type_out_of_range_empty_nested() -> None:
     failures = []
     for key, value in CASES:
         try:
-            validate(_build(Config, set_key(BASE, key, value)))
+            validate(Config.from_dict(set_key(BASE, key, value)))
         except ConfigError as exc:
             if key.replace("*", "0") not in str(exc):
                 failures.append(f"{key}={value!r:.60}: message does not name the key: {exc}")
@@ -178,3 +178,35 @@ def test_console_script_deep_recipe_exits_2_without_traceback(tmp_path: Path) ->
                            f"output={tmp_path / 'o'}"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "nested" in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert not (tmp_path / "o").exists()
+
+
+def test_fuzz_every_method_option() -> None:
+    """Every option of every method: wrong types, out of range, empty, nested; the error names
+    ``method.options`` and the option, through the same validation as a recipe."""
+    import dataclasses
+
+    from kdistill.methods import list_methods, method_class
+
+    failures, count = [], 0
+    for method in list_methods():
+        hints = typing.get_type_hints(method_class(method).Options)
+        for f in dataclasses.fields(method_class(method).Options):
+            core = hints[f.name]
+            values: list[Any] = [{"a": {"b": 1}}, nested(30), "", [["x"]]]
+            if core in (int, float, int | None, float | None):
+                values += ["abc", -1, math.nan]
+            if typing.get_origin(core) is None and core in (str,):
+                values += ["no-such-choice"]
+            for value in values:
+                count += 1
+                tree = {**BASE, "method": {"name": method, "options": {f.name: value}}}
+                try:
+                    validate(Config.from_dict(tree))
+                except ConfigError as exc:
+                    if "method.options" not in str(exc) or f.name not in str(exc):
+                        failures.append(f"{method}.{f.name}={value!r:.40}: {exc}")
+                except Exception as exc:
+                    failures.append(f"{method}.{f.name}={value!r:.40}: {type(exc).__name__}: {exc}")
+                else:
+                    failures.append(f"{method}.{f.name}={value!r:.40}: accepted")
+    assert count > 300 and not failures, "\n".join(failures[:40]) + f"\n({len(failures)} of {count})"
