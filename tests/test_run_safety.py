@@ -124,27 +124,27 @@ def test_folder_in_use_is_refused_and_a_dead_holder_is_taken_over(
 def test_two_processes_cannot_share_a_folder(tmp_path: Path) -> None:
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "kdistill.cli", "train", f"output={out}", *TINY, "data.train_size=960",
-            "data.batch_size=16", "trainer.max_epochs=2"]
+    args = [sys.executable, "-m", "kdistill.cli", "train", f"output={out}", *TINY]
     first = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         deadline = time.monotonic() + 60
         while not (out / ".kdistill-run").exists() and time.monotonic() < deadline and first.poll() is None:
             time.sleep(0.01)
         first.send_signal(signal.SIGSTOP)  # frozen while holding the folder: the test does not race it
-        try:
-            second = subprocess.run([*args, "--resume"], capture_output=True, text=True, env=env, timeout=60)
-            third = subprocess.run(args, capture_output=True, text=True, env=env, timeout=60)
+        try:  # both at once: each is refused before it trains
+            others = [subprocess.Popen(a, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+                      for a in ([*args, "--resume"], args)]
+            (_, second), (_, third) = (p.communicate(timeout=90) for p in others)
         finally:
             first.send_signal(signal.SIGCONT)
-        assert second.returncode == 2 and f"is in use by process {first.pid}" in second.stderr, second.stderr[-1500:]
-        assert third.returncode == 2 and "already holds a kdistill run" in third.stderr, third.stderr[-1500:]
-        assert "Traceback" not in second.stderr + third.stderr
+        assert others[0].returncode == 2 and f"is in use by process {first.pid}" in second, second[-1500:]
+        assert others[1].returncode == 2 and "already holds a kdistill run" in third, third[-1500:]
+        assert "Traceback" not in second + third
     finally:
         first.wait(timeout=120)
         first.stderr.close()
     assert first.returncode == 0
-    assert json.loads((out / "metrics.json").read_text())["epochs"] == 2
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 1
 
 
 # --- resume ------------------------------------------------------------------------------------
@@ -207,15 +207,22 @@ def test_resume_without_a_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
 LONG = ["data.train_size=960", "data.batch_size=16", "trainer.max_epochs=2", "trainer.log_every_n_steps=1"]
 
 
-def _start(out: Path) -> subprocess.Popen:
+def _launch(out: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "kdistill.cli", "train", f"output={out}", *TINY, *LONG]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+
+
+def _training(proc: subprocess.Popen, out: Path) -> subprocess.Popen:
     deadline = time.monotonic() + 90
     while not (out / "logs" / "metrics.csv").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)  # the CSV log appears after the first training step
     assert proc.poll() is None, proc.communicate()[1][-2000:]
     return proc
+
+
+def _start(out: Path) -> subprocess.Popen:
+    return _training(_launch(out), out)
 
 
 def test_sigterm_checkpoints_the_step_and_resume_matches_an_uninterrupted_run(
@@ -243,19 +250,16 @@ def test_sigterm_checkpoints_the_step_and_resume_matches_an_uninterrupted_run(
 
 
 def test_sigint_exits_130_and_a_second_signal_stops_at_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    out = tmp_path / "int"
-    proc = _start(out)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "stopped by SIGINT" in err and "Traceback" not in err, err[-2000:]
+    out, out2 = tmp_path / "int", tmp_path / "twice"
+    once, twice = _launch(out), _launch(out2)
+    _training(once, out).send_signal(signal.SIGINT)
+    _training(twice, out2).send_signal(signal.SIGTERM)
+    twice.send_signal(signal.SIGTERM)
+    _, err = once.communicate(timeout=120)
+    assert once.returncode == 130 and "stopped by SIGINT" in err and "Traceback" not in err, err[-2000:]
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] > 0
-
-    out2 = tmp_path / "twice"
-    proc = _start(out2)
-    proc.send_signal(signal.SIGTERM)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
+    _, err = twice.communicate(timeout=120)
+    assert twice.returncode == 143 and "Traceback" not in err, err[-2000:]
     assert "again: stopping at once" in err or "stopped by SIGTERM" in err
     # whatever it stopped in, the next --resume finds whole files (or no checkpoint) and no temporaries
     code, _, err = run_cli(["train", f"output={out2}", *TINY, *LONG, "--resume"], capsys)

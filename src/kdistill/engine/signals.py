@@ -83,21 +83,25 @@ class StopOnSignal(L.Callback):
             return int(flag.item()) or None
         return self.signum
 
-    def _stop(self, trainer: L.Trainer) -> None:
+    def _stop(self, trainer: L.Trainer, save: bool) -> None:
         signum = self._agreed(trainer)
         if signum is None:
             return
         self.signum = signum
-        trainer.save_checkpoint(self.checkpoint)  # atomic (AtomicCheckpointIO), collective under DDP
-        raise RunInterrupted(signum, self.checkpoint, trainer.current_epoch, trainer.global_step)
+        if save:
+            trainer.save_checkpoint(self.checkpoint)  # atomic (AtomicCheckpointIO), collective under DDP
+        kept = self.checkpoint if self.checkpoint.is_file() else None
+        raise RunInterrupted(signum, kept, trainer.current_epoch, trainer.global_step)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
-        if idx == 0:  # a signal during the last validation: stop before the next epoch's first step
-            self._stop(trainer)
+        # a signal during setup or the last validation: stop before the epoch's first step; the
+        # end-of-epoch checkpoint already holds this state (validation draws no random numbers)
+        if idx == 0:
+            self._stop(trainer, save=False)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, out: Any, batch: Any,
                            idx: int) -> None:
-        self._stop(trainer)
+        self._stop(trainer, save=True)
 
 
 def resume_hint(argv: list[str] | None = None) -> str:
