@@ -261,7 +261,7 @@ def test_sigint_exits_130_and_a_second_signal_stops_at_once(tmp_path: Path, caps
     _, err = twice.communicate(timeout=120)
     assert twice.returncode == 143 and "Traceback" not in err, err[-2000:]
     assert "again: stopping at once" in err or "stopped by SIGTERM" in err
-    # whatever it stopped in, the next --resume finds whole files (or no checkpoint) and no temporaries
-    code, _, err = run_cli(["train", f"output={out2}", *TINY, *LONG, "--resume"], capsys)
-    assert code == 0 or (code == 2 and "no checkpoint at" in err)
-    assert not [p for p in out2.rglob(".*tmp-*")]
+    # whatever it stopped in, every checkpoint on disk is whole (a cut-off write leaves only a
+    # temporary, which the next --resume removes: test_resume_longer_appends_history_...)
+    for ckpt in (out2 / "checkpoints").glob("*.ckpt"):
+        assert torch.load(ckpt, weights_only=True)["global_step"] >= 0
