@@ -249,7 +249,7 @@ def test_sigterm_checkpoints_the_step_and_resume_matches_an_uninterrupted_run(
     assert [row["epoch"] for row in history] == [1, 2]
 
 
-def test_sigint_exits_130_and_a_second_signal_stops_at_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_sigint_exits_130_and_a_second_signal_stops_at_once(tmp_path: Path) -> None:
     out, out2 = tmp_path / "int", tmp_path / "twice"
     once, twice = _launch(out), _launch(out2)
     _training(once, out).send_signal(signal.SIGINT)
