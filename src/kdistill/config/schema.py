@@ -39,10 +39,14 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    """A network by registry name, optional initial weights, optional taps by module name."""
+    """A network by registry name, optional initial weights, optional taps by module name.
+
+    ``checkpoint`` is a file of this very network (same class count); ``pretrained`` is a torchvision or
+    timm state dict saved locally, whose classifier is replaced when the class count differs."""
 
     model: str = "cifar.resnet20"
     checkpoint: str | None = None
+    pretrained: str | None = None
     taps: dict[str, str] = field(default_factory=dict)
     mean: list[float] | None = None
     std: list[float] | None = None
@@ -94,11 +98,13 @@ class TrainerConfig:
 @dataclass
 class TeacherRunConfig:
     """How teachers run: the precision of their inference pass (``32``, or ``bf16`` autocast), their
-    memory format, and an optional teacher-output cache folder (``kdistill cache-teacher``)."""
+    memory format, an optional teacher-output cache folder (``kdistill cache-teacher``), and whether a
+    teacher without trained weights (no checkpoint, no pretrained file) is allowed (tests, smoke runs)."""
 
     precision: str = "32"
     channels_last: bool = False
     cache: str | None = None
+    allow_untrained: bool = False
 
 
 @dataclass

@@ -84,6 +84,26 @@ def card_for(cfg: Config, data: DataBundle, metrics: dict[str, Any]) -> dict[str
     }
 
 
+def resolved_config(cfg: Config, built: Built) -> dict[str, Any]:
+    """The configuration as the run uses it: the method's options with every default filled in (and
+    adapted to the run), the data set's own class count."""
+    raw = cfg.to_dict()
+    raw["method"]["options"] = dict(built.method_options)
+    raw["data"]["num_classes"] = built.data.num_classes
+    return raw
+
+
+def start_summary(cfg: Config, built: Built) -> str:
+    """What is about to run, printed before training: networks, method and its resolved options."""
+    teachers = ", ".join(t.model for t in cfg.teachers) or "none"
+    options = ", ".join(f"{k}={v}" for k, v in built.method_options.items()) or "none"
+    lines = [f"student {cfg.student.model}, teachers: {teachers}, {built.data.num_classes} classes, "
+             f"{len(built.data.train)} training images, {cfg.trainer.max_epochs} epochs",
+             f"method {cfg.method.name}: {options}"]
+    lines += [f"  adapted to this run: {note}" for note in built.option_notes]
+    return "\n".join(lines)
+
+
 DDP_NAMES = ("ddp", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false")
 
 
@@ -149,7 +169,9 @@ def fit(cfg: Config, resume: bool = False, built: Built | None = None) -> RunRes
             raise ConfigError(f"--resume: no checkpoint at {str(last)!r}")
         ckpt_path = str(last)
         AtomicCheckpointIO().load_checkpoint(last)  # refuse a damaged checkpoint before touching the folder
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    (out / "config.json").write_text(json.dumps(resolved_config(cfg, built), indent=2, default=list))
+    if trainer.is_global_zero:
+        print(start_summary(cfg, built), flush=True)
     (out / "run.json").write_text(json.dumps(card_for(cfg, built.data, {}), indent=2, default=str))
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
