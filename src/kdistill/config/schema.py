@@ -99,12 +99,14 @@ class TrainerConfig:
 class TeacherRunConfig:
     """How teachers run: the precision of their inference pass (``32``, or ``bf16`` autocast), their
     memory format, an optional teacher-output cache folder (``kdistill cache-teacher``), and whether a
-    teacher without trained weights (no checkpoint, no pretrained file) is allowed (tests, smoke runs)."""
+    teacher without trained weights (no checkpoint, no pretrained file) is allowed (tests, smoke runs);
+    ``evaluate``: measure each teacher's validation accuracy before distilling (cached per weights file)."""
 
     precision: str = "32"
     channels_last: bool = False
     cache: str | None = None
     allow_untrained: bool = False
+    evaluate: bool = True
 
 
 @dataclass

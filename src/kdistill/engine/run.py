@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +105,19 @@ def start_summary(cfg: Config, built: Built) -> str:
     return "\n".join(lines)
 
 
+def check_teachers(cfg: Config, built: Built, out: Path) -> list[dict[str, Any]]:
+    """Print each teacher's validation accuracy (cached per weights file) and a warning for a weak one."""
+    from kdistill.engine.teacher_check import teacher_scores, weak_teacher_warnings
+
+    scores = teacher_scores(cfg, built.data, built.distiller.teachers)
+    for i, s in enumerate(scores):
+        print(f"teacher {i} {s.model}: val top-1 {s.top1:.2f}%  top-5 {s.top5:.2f}%"
+              f"{'  (cached)' if s.cached else ''}", flush=True)
+    for warning in weak_teacher_warnings(scores, built.data.num_classes, out, cfg.student.model):
+        print(warning, file=sys.stderr, flush=True)
+    return [s.to_dict() for s in scores]
+
+
 DDP_NAMES = ("ddp", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false")
 
 
@@ -170,9 +184,13 @@ def fit(cfg: Config, resume: bool = False, built: Built | None = None) -> RunRes
         ckpt_path = str(last)
         AtomicCheckpointIO().load_checkpoint(last)  # refuse a damaged checkpoint before touching the folder
     (out / "config.json").write_text(json.dumps(resolved_config(cfg, built), indent=2, default=list))
+    teachers_val: list[dict[str, Any]] = []
     if trainer.is_global_zero:
         print(start_summary(cfg, built), flush=True)
-    (out / "run.json").write_text(json.dumps(card_for(cfg, built.data, {}), indent=2, default=str))
+        if cfg.teachers and cfg.teacher.evaluate:
+            teachers_val = check_teachers(cfg, built, out)
+    (out / "run.json").write_text(json.dumps(card_for(cfg, built.data, {"teachers_val": teachers_val}), indent=2,
+                                             default=str))
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     seconds = time.perf_counter() - start
@@ -187,7 +205,7 @@ def fit(cfg: Config, resume: bool = False, built: Built | None = None) -> RunRes
     if trainer.is_global_zero:
         metrics = {"top1_last": result.top1_last, "top1_best": result.top1_best, "top5_last": result.top5_last,
                    "epochs": trainer.current_epoch, "train_images_per_s": result.images_per_s,
-                   "train_seconds": seconds, "peak_memory_mb": peak_memory_mb()}
+                   "train_seconds": seconds, "peak_memory_mb": peak_memory_mb(), "teachers_val": teachers_val}
         result.export = save_student(built.distiller.student, out / "student.safetensors",
                                      card_for(cfg, built.data, metrics))
         (out / "metrics.json").write_text(json.dumps({**metrics, "history": history.rows}, indent=2))
