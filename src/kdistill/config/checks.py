@@ -44,6 +44,8 @@ def validate(cfg: Config) -> None:
         "trainer.max_epochs": cfg.trainer.max_epochs,
         "data.num_classes": cfg.data.num_classes,
     }
+    if cfg.data.val_per_class is not None:
+        positive["data.val_per_class"] = cfg.data.val_per_class
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")

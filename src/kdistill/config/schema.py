@@ -25,6 +25,7 @@ class DataConfig:
     train_size: int = 5000
     val_size: int = 1000
     train_per_class: int | None = None
+    val_per_class: int | None = None
     batch_size: int = 64
     eval_batch_size: int = 256
     num_workers: int = 0

@@ -10,7 +10,7 @@ from torch import nn
 
 from kdistill.checkpoint import load_pretrained, load_weights
 from kdistill.config import Config, ModelConfig
-from kdistill.data import BatchAugment, DataBundle, build_data
+from kdistill.data import BatchAugment, DataBundle, ImageTensors, build_data
 from kdistill.engine.teacher_cache import TeacherCache, load_teacher_cache
 from kdistill.methods import RunFacts, build_method, parse_method_options
 from kdistill.models import create_model
@@ -35,7 +35,7 @@ class Built:
 def load_data(cfg: Config) -> DataBundle:
     """The data set of the recipe."""
     d = cfg.data
-    return build_data(
+    data = build_data(
         d.name,
         root=d.root,
         num_classes=d.num_classes,
@@ -50,6 +50,21 @@ def load_data(cfg: Config) -> DataBundle:
         mean=d.mean,
         std=d.std,
     )
+    if d.val_per_class:
+        data.val = balanced_subset(data.val, d.val_per_class, d.seed)
+    return data
+
+
+def balanced_subset(split: ImageTensors, per_class: int, seed: int) -> ImageTensors:
+    """At most ``per_class`` samples of every class, chosen by ``seed`` (a quick validation set that,
+    unlike the first batches of a class-sorted split, sees every class alike)."""
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in torch.unique(split.targets).tolist():
+        rows = torch.nonzero(split.targets == c).flatten()
+        keep.append(rows[torch.randperm(len(rows), generator=g)[:per_class]])
+    rows = torch.cat(keep).sort().values
+    return ImageTensors(split.images[rows].clone(), split.targets[rows].clone())
 
 
 def build_model(mc: ModelConfig, num_classes: int, role: str, allow_new_head: bool = True) -> nn.Module:

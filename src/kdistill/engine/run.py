@@ -20,7 +20,7 @@ from kdistill.checkpoint import CheckpointError, load_weights, read_card, save_s
 from kdistill.config import Config, TrainerConfig
 from kdistill.data import DataBundle, ImageTensors, make_loader
 from kdistill.engine.build import Built, build_run, load_data
-from kdistill.engine.callbacks import AtomicCheckpointIO, History, Throughput
+from kdistill.engine.callbacks import AtomicCheckpointIO, EpochCheckpoint, History, Throughput
 from kdistill.engine.datamodule import TensorDataModule
 from kdistill.engine.module import DistillModule
 from kdistill.files import atomic_write
@@ -140,7 +140,7 @@ def make_strategy(t: TrainerConfig) -> Any:
 
 def make_trainer(cfg: Config, out: Path, callbacks: list[L.Callback], enable_checkpoints: bool = True) -> L.Trainer:
     t = cfg.trainer
-    best = ModelCheckpoint(
+    best = EpochCheckpoint(
         dirpath=out / "checkpoints", filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
         monitor="val/top1", mode="max", save_top_k=1,
     )
@@ -172,7 +172,8 @@ def fit(cfg: Config, resume: bool = False, built: Built | None = None) -> RunRes
             teacher.compile()
     module = DistillModule(cfg, built.distiller, built.augment, built.data.num_classes, built.teacher_cache)
     dm = TensorDataModule(built.data, cfg)
-    history, speed = History(), Throughput()
+    speed = Throughput()
+    history = History(speed)
     trainer = make_trainer(cfg, out, [history, speed])
     world = max(1, trainer.world_size)
     module.steps_per_epoch = len(make_loader(built.data.train, cfg.data.batch_size, True, world_size=world))
@@ -187,6 +188,10 @@ def fit(cfg: Config, resume: bool = False, built: Built | None = None) -> RunRes
     teachers_val: list[dict[str, Any]] = []
     if trainer.is_global_zero:
         print(start_summary(cfg, built), flush=True)
+        if cfg.trainer.limit_val_batches not in (None, 1.0):
+            print("warning: trainer.limit_val_batches scores the first batches of the validation split, which may be "
+                  "sorted by class; data.val_per_class=N validates on N images of every class instead",
+                  file=sys.stderr, flush=True)
         if cfg.teachers and cfg.teacher.evaluate:
             teachers_val = check_teachers(cfg, built, out)
     (out / "run.json").write_text(json.dumps(card_for(cfg, built.data, {"teachers_val": teachers_val}), indent=2,
