@@ -29,6 +29,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.05 data.batch_size=64")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--resume", action="store_true", help="continue from <output>/checkpoints/last.ckpt")
+    p.epilog = "Every configuration key with its type, default and meaning: kdistill config"
 
 
 def _split_recipe(args: argparse.Namespace) -> tuple[str | None, list[str]]:
@@ -169,6 +170,14 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    """Every configuration key with its type, default and meaning (docs/config.md is the --markdown form)."""
+    from kdistill.config.reference import render_markdown, render_text
+
+    print(render_markdown() if args.markdown else render_text(), end="\n" if not args.markdown else "")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from kdistill.demo import run_demo
 
@@ -206,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="processes reading files while packing (default 1)")
     p = sub.add_parser("recipes", help="list the YAML recipes with their descriptions")
     p.add_argument("filter", nargs="?", help="only names containing this text")
+    p = sub.add_parser("config", help="every configuration key with its type, default and meaning")
+    p.add_argument("--markdown", action="store_true", help="as docs/config.md")
     p = sub.add_parser("demo", help="teacher, plain student and KD student on synthetic (or your) data")
     p.add_argument("--data", help="an image folder with train/ and val/ (default: built-in synthetic data)")
     p.add_argument("--output", default="runs/demo")
@@ -238,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("train", "distill"):
             return cmd_fit(args, args.command)
         commands = {"eval": cmd_eval, "export": cmd_export, "recipes": cmd_recipes, "demo": cmd_demo,
-                    "cache-teacher": cmd_cache_teacher, "pack": cmd_pack}
+                    "cache-teacher": cmd_cache_teacher, "pack": cmd_pack, "config": cmd_config}
         return commands[args.command](args)
     except (ConfigError, CheckpointError) as exc:
         print(f"kdistill {args.command}: error: {exc}", file=sys.stderr)
