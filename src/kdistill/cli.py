@@ -178,6 +178,25 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """A table of finished runs and a PNG of their accuracy and loss curves."""
+    from kdistill.compare import format_table, plot_runs, run_summary
+
+    rows = [run_summary(run) for run in args.runs]
+    print(format_table(rows))
+    print(f"curves: {plot_runs(rows, args.plot)}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """The top classes of each image, preprocessed as the export's card says."""
+    from kdistill.predict import predict
+
+    for path, top in zip(args.images, predict(args.export, args.images, args.top), strict=True):
+        print(f"{path}  " + "  ".join(f"{name} {p:.3f}" for name, p in top))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from kdistill.demo import run_demo
 
@@ -215,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="processes reading files while packing (default 1)")
     p = sub.add_parser("recipes", help="list the YAML recipes with their descriptions")
     p.add_argument("filter", nargs="?", help="only names containing this text")
+    p = sub.add_parser("compare", help="a table and accuracy/loss curves of finished run folders")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--plot", default="compare.png", help="PNG of the curves (default compare.png)")
+    p = sub.add_parser("predict", help="classify image files with a student export")
+    p.add_argument("export", help="student .safetensors (with its card), a run folder or a .ckpt")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--top", type=int, default=1, help="classes shown per image (default 1)")
     p = sub.add_parser("config", help="every configuration key with its type, default and meaning")
     p.add_argument("--markdown", action="store_true", help="as docs/config.md")
     p = sub.add_parser("demo", help="teacher, plain student and KD student on synthetic (or your) data")
@@ -249,7 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("train", "distill"):
             return cmd_fit(args, args.command)
         commands = {"eval": cmd_eval, "export": cmd_export, "recipes": cmd_recipes, "demo": cmd_demo,
-                    "cache-teacher": cmd_cache_teacher, "pack": cmd_pack, "config": cmd_config}
+                    "cache-teacher": cmd_cache_teacher, "pack": cmd_pack, "config": cmd_config,
+                    "compare": cmd_compare, "predict": cmd_predict}
         return commands[args.command](args)
     except (ConfigError, CheckpointError) as exc:
         print(f"kdistill {args.command}: error: {exc}", file=sys.stderr)

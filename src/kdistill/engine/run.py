@@ -25,6 +25,7 @@ from kdistill.engine.datamodule import TensorDataModule
 from kdistill.engine.module import DistillModule
 from kdistill.files import atomic_write
 from kdistill.models import create_model
+from kdistill.predict import preprocessing
 from kdistill.utils import ConfigError
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ def card_for(cfg: Config, data: DataBundle, metrics: dict[str, Any]) -> dict[str
         "input_size": list(data.input_size),
         "mean": data.mean,
         "std": data.std,
+        "preprocessing": preprocessing({"input_size": list(data.input_size), "mean": data.mean, "std": data.std}),
         "method": cfg.method.name,
         "teachers": [t.model for t in cfg.teachers],
         "metrics": metrics,
