@@ -77,3 +77,25 @@ def test_predict_uses_the_cards_preprocessing(runs: Path, capsys: pytest.Capture
         assert name == card["classes"][int(top.indices[0])]
         assert float(first) == pytest.approx(float(top.values[0]), abs=5e-4)
         assert float(second) == pytest.approx(float(top.values[1]), abs=5e-4)
+
+
+def test_onnx_with_preprocessing_inside(runs: Path, tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    from onnx.reference import ReferenceEvaluator
+
+    from kdistill.engine.run import WithPreprocessing
+
+    out = tmp_path / "s.safetensors"
+    assert main(["export", str(runs / "runs" / "kd"), "--out", str(out), "--onnx-preprocess"]) == 0
+    model, card = load_exported(out)
+    contract = card["onnx"]["input"]
+    assert (contract["dtype"], contract["shape"]) == ("uint8", ["N", 3, "H", "W"]) and "resized to 16x16" in contract["inside"]
+    session = ReferenceEvaluator(onnx.load(str(out.with_suffix(".onnx"))))
+    wrapped = WithPreprocessing(model.eval(), card).eval()
+    images = torch.randint(0, 256, (2, 3, 20, 24), dtype=torch.uint8)  # another size than the model's input
+    (logits,) = session.run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(logits), wrapped(images), atol=1e-4, rtol=1e-4)
+        same_size = images[:, :, :16, :16]  # at the input size the resize is the identity
+        mean, std = (torch.tensor(card[k]).view(1, -1, 1, 1) for k in ("mean", "std"))
+        torch.testing.assert_close(wrapped(same_size), model((same_size.float() / 255 - mean) / std))

@@ -95,7 +95,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from kdistill.engine.run import export
 
-    for path in export(args.checkpoint, args.out, onnx=args.onnx):
+    for path in export(args.checkpoint, args.out, onnx=args.onnx, onnx_preprocess=args.onnx_preprocess):
         print(f"wrote {path}")
     return 0
 
@@ -219,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export the student to safetensors (+ card) and optionally ONNX")
     p.add_argument("checkpoint", help="run folder, student .safetensors or .ckpt")
     p.add_argument("--out", required=True, help="output path, e.g. student.safetensors")
-    p.add_argument("--onnx", action="store_true", help="also write <out>.onnx")
+    p.add_argument("--onnx", action="store_true", help="also write <out>.onnx (normalised float input at the card's size)")
+    p.add_argument("--onnx-preprocess", action="store_true",
+                   help="also write <out>.onnx taking uint8 RGB images of any size (resize and normalisation inside)")
     p = sub.add_parser("cache-teacher", help="precompute teacher logits for K augmented views of every training image")
     _add_recipe_args(p)
     p.add_argument("--views", type=int, default=8, help="augmented views per image (default 8)")

@@ -280,17 +280,59 @@ def evaluate(path: str | Path, cfg: Config | None = None) -> dict[str, float]:
     return evaluate_model(model, data.val, card["mean"], card["std"], cfg.data.eval_batch_size)
 
 
-def export(path: str | Path, out: str | Path, onnx: bool = False) -> list[Path]:
-    """Write the student as safetensors (+ card) and optionally ONNX; returns the written files."""
+class WithPreprocessing(torch.nn.Module):
+    """A student that takes uint8 RGB images of any size (N×3×H×W): resized to the card's input size
+    (bilinear), scaled to [0, 1] and normalised inside, so an ONNX runtime needs no preprocessing code."""
+
+    def __init__(self, model: torch.nn.Module, card: dict[str, Any]):
+        super().__init__()
+        self.model = model
+        self.size = tuple(card["input_size"][1:])
+        self.register_buffer("mean", torch.tensor(card["mean"]).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(card["std"]).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        x = torch.nn.functional.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        return self.model((x / 255 - self.mean) / self.std)
+
+
+def onnx_contract(card: dict[str, Any], preprocess: bool) -> dict[str, Any]:
+    """What the ONNX file takes and returns (written into the export's card)."""
+    _, h, w = card["input_size"]
+    if preprocess:
+        inputs = {"name": "images", "dtype": "uint8", "shape": ["N", 3, "H", "W"], "color": "RGB, 0-255",
+                  "inside": f"resized to {h}x{w} (bilinear, no antialiasing), divided by 255, normalised with the "
+                            "card's mean and std"}
+    else:
+        inputs = {"name": "images", "dtype": "float32", "shape": ["N", 3, h, w],
+                  "preprocessing": "RGB resized to the input size, divided by 255, minus mean, divided by std "
+                                   "(the card's preprocessing)"}
+    return {"input": inputs, "output": {"name": "logits", "dtype": "float32", "shape": ["N", card["num_classes"]],
+                                        "classes": "in the card's classes order"}}
+
+
+def export(path: str | Path, out: str | Path, onnx: bool = False, onnx_preprocess: bool = False) -> list[Path]:
+    """Write the student as safetensors (+ card) and optionally ONNX (``onnx_preprocess``: uint8 images of any
+    size in, the resize and normalisation inside); returns the written files."""
     model, card = load_from_run(path)
     out = Path(out)
+    onnx = onnx or onnx_preprocess
+    if onnx:
+        card = {**card, "onnx": onnx_contract(card, onnx_preprocess)}
     written = [save_student(model, out, card), out.with_suffix(".json")]
     if onnx:
         onnx_path = out.with_suffix(".onnx")
-        dummy = torch.zeros(1, *card["input_size"])
         model.eval()
+        if onnx_preprocess:
+            net: torch.nn.Module = WithPreprocessing(model, card).eval()
+            dummy = torch.zeros(1, 3, *card["input_size"][1:], dtype=torch.uint8)
+            axes = {"images": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}}
+        else:
+            net, dummy = model, torch.zeros(1, *card["input_size"])
+            axes = {"images": {0: "batch"}, "logits": {0: "batch"}}
         atomic_write(onnx_path, lambda tmp: torch.onnx.export(
-            model, (dummy,), str(tmp), input_names=["images"], output_names=["logits"],
-            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False))
+            net, (dummy,), str(tmp), input_names=["images"], output_names=["logits"],
+            dynamic_axes=axes, dynamo=False))
         written.append(onnx_path)
     return written
