@@ -66,7 +66,8 @@ def packed_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
     return folder, root / "packed"
 
 
-def make_image_folder(root: Path, classes: int = 3, train: int = 8, val: int = 4, size: int = 20) -> Path:
+def make_image_folder(root: Path, classes: int = 3, train: int = 8, val: int = 4, size: int = 20,
+                      ext: str = "png") -> Path:
     """A small image folder (train/ and val/, one folder per class) of PNGs whose colour depends on the class,
     at ``size`` pixels (other than the 16-pixel runs that read it, so resizing is exercised)."""
     import numpy as np
@@ -81,5 +82,5 @@ def make_image_folder(root: Path, classes: int = 3, train: int = 8, val: int = 4
                 base = np.zeros((size, size, 3))
                 base[..., c % 3] = 160
                 pixels = (base + rng.normal(0, 40, (size, size, 3))).clip(0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(d / f"{i:03d}.png")
+                Image.fromarray(pixels).save(d / f"{i:03d}.{ext}")
     return root
