@@ -93,6 +93,7 @@ def test_untrained_teacher_is_an_error_unless_allowed() -> None:
 
 
 def test_download_kwargs_point_to_pretrained() -> None:
-    cfg = build_config(None, [*TINY, "student.model=torchvision.resnet18", "student.kwargs={weights: IMAGENET1K_V1}"])
     with pytest.raises(ConfigError, match=r"student\.kwargs\.weights: weights are not downloaded.*student\.pretrained"):
-        build_run(cfg)
+        build_config(None, [*TINY, "student.model=torchvision.resnet18", "student.kwargs={weights: IMAGENET1K_V1}"])
+    with pytest.raises(ConfigError, match=r"teachers\.0\.kwargs\.pretrained: weights are not downloaded"):
+        build_config(None, [*TINY, "teacher.model=timm.test_resnet", "teacher.kwargs={pretrained: true}"])

@@ -72,14 +72,13 @@ def build_model(mc: ModelConfig, num_classes: int, role: str, allow_new_head: bo
     classifier is replaced when the class count differs (both checked strictly against keys and shapes).
     A teacher (``allow_new_head=False``) must not get a fresh classifier: it would distil noise."""
     where = "student" if role == "student" else f"teachers.{role.split()[-1]}"
-    for key in ("weights", "pretrained"):
-        if key in mc.kwargs:
-            raise ConfigError(f"{where}.kwargs.{key}: weights are not downloaded; save them once and name the "
-                              f"file with {where}.pretrained=<path> (the classifier is replaced for your class count)")
     if mc.checkpoint and mc.pretrained:
         raise ConfigError(f"{where}: set checkpoint (this network, trained) or pretrained (features to start "
                           "from), not both")
-    model = create_model(mc.model, num_classes=num_classes, **mc.kwargs)
+    try:
+        model = create_model(mc.model, num_classes=num_classes, **mc.kwargs)
+    except TypeError as exc:  # an option the constructor does not take
+        raise ConfigError(f"{role} model {mc.model!r} does not accept kwargs {sorted(mc.kwargs)}: {exc}") from exc
     if mc.pretrained:
         replaced = load_pretrained(model, mc.pretrained)
         if replaced and not allow_new_head:

@@ -65,6 +65,12 @@ class History(L.Callback):
         self._fit_start = 0.0
         self._first_epoch = 0
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}  # saved in checkpoints: a resumed run appends to the history
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows = list(state.get("rows", []))
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._fit_start = time.perf_counter()
         self._first_epoch = trainer.current_epoch
