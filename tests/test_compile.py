@@ -184,7 +184,7 @@ def test_engine_runs_compiled_bf16_mixed_steps_and_evaluation(tmp_path, monkeypa
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     common = ["data.name=synthetic", "data.num_classes=4", "data.train_size=32", "data.val_size=24", "data.image_size=16",
               "data.batch_size=16", "data.eval_batch_size=16", "model=cifar.resnet8", "teacher.model=cifar.resnet8",
-              "method.name=reviewkd", "method.options.warmup_epochs=0", "trainer.max_epochs=1",
+              "method.name=reviewkd", "method.options.warmup_epochs=0", "trainer.max_epochs=1", "teacher.allow_untrained=true",
               "trainer.progress_bar=false", "trainer.log_every_n_steps=1"]
     fresh_dynamo()
     results = {}
