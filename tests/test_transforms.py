@@ -100,8 +100,8 @@ def test_cifar_transform_keeps_or_squashes_the_whole_image() -> None:
     assert p.tolist() == [0, 0, 30, 40, 0]
     assert torch.equal(keep.apply(image, p), torch.from_numpy(np.array(image)).permute(2, 0, 1))
     squash = ImageTransform("cifar", 16).apply(image, p)
-    assert torch.equal(squash, ImageTransform("cifar").apply(image.resize((16, 16), Image.BILINEAR),
-                                                              torch.tensor([0.0, 0, 16, 16, 0])))
+    pil = torch.from_numpy(np.array(image.resize((16, 16), Image.BILINEAR))).permute(2, 0, 1)
+    assert squash.shape == (3, 16, 16) and (squash.int() - pil.int()).abs().max() <= 1  # Pillow's filter, rounding
 
 
 def test_transform_and_decoder_names_are_checked() -> None:

@@ -67,7 +67,7 @@ def _decode_simplejpeg(data: bytes, transform: ImageTransform, train: bool, rng:
         array = simplejpeg.decode_jpeg(data, "rgb", min_width=min_w, min_height=min_h, min_factor=2)
     else:
         array = simplejpeg.decode_jpeg(data, "rgb")
-    return transform.apply(Image.fromarray(array, "RGB"), params, (width, height)), params
+    return transform.apply(array, params, (width, height)), params
 
 
 def _decode_torchvision(data: bytes, transform: ImageTransform, train: bool, rng: random.Random | None,
@@ -76,8 +76,8 @@ def _decode_torchvision(data: bytes, transform: ImageTransform, train: bool, rng
 
     chw = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     params = transform.params(chw.shape[2], chw.shape[1], train, rng)
-    image = Image.fromarray(chw.permute(1, 2, 0).contiguous().numpy(), "RGB")
-    return transform.apply(image, params), params
+    # height×width×3 memory: the layout torch's fast uint8 resize needs
+    return transform.apply(chw.permute(1, 2, 0).contiguous().numpy(), params), params
 
 
 def decode_sample(
