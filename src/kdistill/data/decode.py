@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
 import random
 from collections.abc import Sequence
 
@@ -29,6 +30,11 @@ from kdistill.utils import unknown_name_error
 
 DECODERS = ("auto", "pil", "simplejpeg", "torchvision")
 JPEG_MAGIC = b"\xff\xd8"
+
+
+def decode_threads() -> int:
+    """Threads for parallel decoding in one process (the decoders release the GIL): the usable cores."""
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
 
 
 def resolve_decoder(name: str) -> str:
@@ -96,7 +102,13 @@ def decode_sample(
     if decoder == "pil" or not data.startswith(JPEG_MAGIC):
         return _decode_pil(data, transform, train, rng, reduce)
     if decoder == "simplejpeg":
-        return _decode_simplejpeg(data, transform, train, rng, reduce)
+        state = rng.getstate() if rng is not None else None
+        try:
+            return _decode_simplejpeg(data, transform, train, rng, reduce)
+        except ValueError:  # colour spaces libjpeg-turbo cannot turn into RGB (CMYK, YCCK): Pillow can
+            if rng is not None:
+                rng.setstate(state)  # the same crop as a first-time draw
+            return _decode_pil(data, transform, train, rng, reduce)
     return _decode_torchvision(data, transform, train, rng, reduce)
 
 
