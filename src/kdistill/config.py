@@ -98,6 +98,7 @@ class TrainerConfig:
     gradient_clip_val: float | None = None
     compile: bool = False
     progress_bar: bool = True
+    checkpoint_every_n_steps: int | None = None
 
 
 @dataclass
@@ -357,6 +358,8 @@ def validate(cfg: Config) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    if cfg.trainer.checkpoint_every_n_steps is not None and cfg.trainer.checkpoint_every_n_steps < 1:
+        raise ConfigError(f"trainer.checkpoint_every_n_steps must be >= 1, got {cfg.trainer.checkpoint_every_n_steps}")
     if cfg.data.memory_budget_gb is not None and cfg.data.memory_budget_gb < 0:
         raise ConfigError(f"data.memory_budget_gb must be >= 0, got {cfg.data.memory_budget_gb}")
     if cfg.data.transform == "imagenet" and (cfg.data.name != "imagefolder" or cfg.data.image_size is None):

@@ -247,8 +247,9 @@ def decode_to_tensors(dataset: StreamingFolder, threads: int | None = None) -> t
     keep[failed] = False
     if failed:
         log.warning("skipped %d undecodable images (first: %s)", len(failed), dataset.files.paths[failed[0]])
-    kept = ImageTensors(images[keep], dataset.targets[keep].clone()) if failed else ImageTensors(images, dataset.targets.clone())
-    return kept, [dataset.files.paths[i] for i in failed]
+    if failed:
+        images = images[keep]
+    return ImageTensors(images, dataset.targets[keep].clone()), [dataset.files.paths[i] for i in failed]
 
 
 def collate(samples: Sequence[tuple[Tensor, int, int, Tensor] | None]) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
@@ -332,12 +333,10 @@ class StreamingLoader(torch.utils.data.DataLoader):
         return {"epoch": self.epoch_batches.epoch, "batches": int(done), "bad_images": self.bad_images}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue the saved epoch after its trained batches (``set_epoch`` for another epoch clears nothing:
-        the skip applies only while the loader is at the saved epoch)."""
+        """Continue the saved epoch after its trained batches (a state saved at the end of an epoch skips nothing)."""
         self.bad_images = int(state.get("bad_images", 0))
-        self._resume = (int(state["epoch"]), int(state["batches"]))
+        epoch, batches = int(state["epoch"]), int(state["batches"])
         self.epoch_batches.skip = 0
-        epoch, batches = self._resume
         if batches < len(self.epoch_batches):
             self.epoch_batches.set_epoch(epoch)
             self.epoch_batches.skip = batches

@@ -171,6 +171,10 @@ def make_trainer(cfg: Config, out: Path, callbacks: list[L.Callback], enable_che
     # accuracy stalls would resume from a stale epoch
     last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1, monitor=None,
                            every_n_epochs=1, enable_version_counter=False)
+    if t.checkpoint_every_n_steps:  # mid-epoch: a killed run loses at most this many steps (docs/data.md)
+        callbacks = [*callbacks, ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1,
+                                                 monitor=None, every_n_train_steps=t.checkpoint_every_n_steps,
+                                                 enable_version_counter=False)]
     loggers = [CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="tb", version="")]
     extra = {k: v for k, v in (("limit_train_batches", t.limit_train_batches),
                                 ("limit_val_batches", t.limit_val_batches)) if v is not None}
