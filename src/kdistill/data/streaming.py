@@ -259,7 +259,7 @@ def collate(samples: Sequence[tuple[Tensor, int, int, Tensor] | None]) -> tuple[
     if not good:
         return (torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long),
                 torch.empty(0, 5, dtype=torch.float64), dropped)
-    images = torch.stack([s[0] for s in good])
+    images = torch.utils.data.default_collate([s[0] for s in good])  # in a worker: stacked straight into shared memory
     targets = torch.tensor([s[1] for s in good], dtype=torch.long)
     index = torch.tensor([s[2] for s in good], dtype=torch.long)
     return images, targets, index, torch.stack([s[3] for s in good]), dropped
