@@ -211,6 +211,22 @@ def test_streamed_run_resumes_mid_epoch_after_sigkill(tmp_path: Path) -> None:
         torch.testing.assert_close(a["state_dict"][key], value, rtol=0, atol=0, msg=key)
 
 
+def test_gpu_decoder_falls_back_to_the_cpu_and_drops_damaged_files(tmp_path: Path) -> None:
+    root = _jpeg_folder(tmp_path / "d", per_class=5)
+    good = io.BytesIO()
+    Image.frombytes("RGB", (64, 48), bytes(range(256)) * 36).save(good, format="JPEG")
+    (root / "train" / "c1" / "zz-truncated.jpg").write_bytes(good.getvalue()[: len(good.getvalue()) // 2])
+    files = scan_folder(root / "train", cache_dir=tmp_path / "c")
+    t = ImageTransform("imagenet", 20)
+    on_gpu = StreamingLoader(StreamingFolder(files, t, True, seed=1, decoder="gpu"), 11, False, with_params=True)
+    on_cpu = StreamingLoader(StreamingFolder(files, t, True, seed=1, decoder="simplejpeg", reduce=False), 11, False,
+                             with_params=True)
+    (x, y, idx, p), (x2, y2, idx2, p2) = next(iter(on_gpu)), next(iter(on_cpu))
+    assert x.dtype == torch.uint8 and x.shape == (10, 3, 20, 20) and on_gpu.bad_images == 1
+    assert torch.equal(idx, idx2) and torch.equal(p, p2) and torch.equal(y, y2)
+    assert (x.float() - x2.float()).abs().mean() < 1.5  # float resize on the device vs uint8 resize on the CPU
+
+
 def test_epoch_batches_skip_applies_once() -> None:
     sampler = EpochBatches(20, 4, train=True, seed=0)
     sampler.set_epoch(2)

@@ -151,6 +151,15 @@ def test_dct_scaling_decodes_fewer_pixels() -> None:
         assert im.size == (160, 120)
 
 
+def test_cmyk_jpeg_goes_through_pillow_with_the_same_crop() -> None:
+    pytest.importorskip("simplejpeg")
+    data = _jpeg(_photo(64, 48, seed=4).convert("CMYK"))
+    t = ImageTransform("imagenet", 16)
+    x, p = decode_sample(data, t, True, sample_rng(0, 0, 1), decoder="simplejpeg")
+    x2, p2 = decode_sample(data, t, True, sample_rng(0, 0, 1), decoder="pil")
+    assert torch.equal(p, p2) and torch.equal(x, x2)
+
+
 def test_png_and_broken_files() -> None:
     buf = io.BytesIO()
     _photo(50, 40).save(buf, format="PNG")

@@ -135,7 +135,7 @@ CHOICES = {
     "data.on_bad_image": ("skip", "error"),
     "data.transform": ("cifar", "imagenet"),
     "data.in_memory": ("auto", "true", "false"),
-    "data.decoder": ("auto", "pil", "simplejpeg", "torchvision"),
+    "data.decoder": ("auto", "pil", "simplejpeg", "torchvision", "gpu"),
     "optim.schedule": ("multistep", "cosine", "constant"),
     "teacher.precision": ("32", "bf16"),
     "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),

@@ -124,6 +124,7 @@ def _image_folder(base: Path, image_size: int | None, transform: str, in_memory:
         train = StreamingFolder(tr_files, tf, True, seed, decoder, on_bad_image=on_bad_image)
         val = StreamingFolder(va_files, tf, False, seed, decoder, on_bad_image=on_bad_image)
         return train, val, tr_files.classes, skipped, tf, storage
+    decoder = "auto" if decoder == "gpu" else decoder  # decoded once: the CPU decoders
     if tf.per_sample_augment:
         train = MemoryFolder(tr_files, tf, True, seed, decoder, on_bad_image)
         val, bad = decode_to_tensors(StreamingFolder(va_files, tf, False, seed, decoder, on_bad_image=on_bad_image))

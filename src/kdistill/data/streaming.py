@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kdistill.data.decode import decode_sample, decode_threads, resolve_decoder
+from kdistill.data.decode import decode_batch, decode_sample, decode_threads, gpu_device, resolve_decoder
 from kdistill.data.folders import _list_split, default_cache_dir
 from kdistill.data.tensors import BatchSampler, ImageTensors
 from kdistill.data.transforms import ImageTransform, sample_rng
@@ -158,9 +158,14 @@ class StreamingFolder(torch.utils.data.Dataset):
         return sample_rng(self.seed, epoch, index) if self.train and self.transform.per_sample_augment else None
 
     def load(self, index: int, epoch: int = 0) -> tuple[Tensor, Tensor]:
-        """The crop of sample ``index`` in ``epoch`` and its parameters; raises if the file cannot be decoded."""
+        """The crop of sample ``index`` in ``epoch`` and its parameters; raises if the file cannot be decoded.
+        With the ``gpu`` decoder: the file's bytes (a 1-D uint8 tensor), decoded later by the loader."""
         with open(self.files.paths[index], "rb") as f:
             data = f.read()
+        if self.decoder == "gpu":
+            w, h = (int(v) for v in self.files.sizes[index])
+            params = self.transform.params(w, h, self.train, self._rng(index, epoch))
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), params
         return decode_sample(data, self.transform, self.train, self._rng(index, epoch), self.decoder, self.reduce)
 
     def __getitem__(self, key: tuple[int, int] | int) -> tuple[Tensor, int, int, Tensor] | None:
@@ -259,7 +264,10 @@ def collate(samples: Sequence[tuple[Tensor, int, int, Tensor] | None]) -> tuple[
     if not good:
         return (torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long),
                 torch.empty(0, 5, dtype=torch.float64), dropped)
-    images = torch.utils.data.default_collate([s[0] for s in good])  # in a worker: stacked straight into shared memory
+    if good[0][0].dim() == 1:  # encoded files for the gpu decoder: decoded by the loader
+        images: Tensor | list[Tensor] = [s[0] for s in good]
+    else:  # in a worker: stacked straight into shared memory
+        images = torch.utils.data.default_collate([s[0] for s in good])
     targets = torch.tensor([s[1] for s in good], dtype=torch.long)
     index = torch.tensor([s[2] for s in good], dtype=torch.long)
     return images, targets, index, torch.stack([s[3] for s in good]), dropped
@@ -320,12 +328,35 @@ class StreamingLoader(torch.utils.data.DataLoader):
         self._yielded = self.epoch_batches.skip
         for images, targets, index, params, dropped in super().__iter__():
             self._yielded += 1
+            if isinstance(images, list):
+                images, targets, index, params, bad = self._decode_on_device(images, targets, index, params)
+                dropped += bad
             if dropped:
                 self.bad_images += dropped
                 log.warning("dropped %d undecodable images from a batch (%d so far)", dropped, self.bad_images)
             if len(targets) == 0:
                 continue
             yield (images, targets, index, params) if self.with_params else (images, targets, index)
+
+    def _decode_on_device(self, files: list[Tensor], targets: Tensor, index: Tensor,
+                          params: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+        """``gpu`` decoder: the batch decoded on this process's GPU (the CPU without one); undecodable files are
+        found one by one and dropped."""
+        device, transform = gpu_device(), self.dataset.transform
+        try:
+            return decode_batch(files, params, transform, device), targets, index, params, 0
+        except Exception:  # one damaged file fails the whole batch: decode one by one to drop only the bad ones
+            good, images = [], []
+            for k, f in enumerate(files):
+                try:
+                    images.append(decode_batch([f], params[k : k + 1], transform, device)[0])
+                    good.append(k)
+                except Exception as exc:
+                    if self.dataset.on_bad_image == "error":
+                        raise ConfigError(f"cannot read image {self.dataset.files.paths[int(index[k])]!r}: {exc}") from exc
+            if not good:
+                return torch.empty(0, dtype=torch.uint8), targets[:0], index[:0], params[:0], len(files)
+            return torch.stack(images), targets[good], index[good], params[good], len(files) - len(good)
 
     def state_dict(self) -> dict[str, int]:
         """The epoch and how many of its batches were trained on."""
