@@ -83,7 +83,7 @@ def main() -> None:
         metrics = json.loads((run_out / "metrics.json").read_text()) if (run_out / "metrics.json").is_file() else {}
         rows[name] = {"returncode": proc.returncode, "seconds": round(seconds, 1), "weights_files": [c for _, c in files],
                       "teachers_without_file": missing_teacher_files, "command": "kdistill " + shlex.join(argv),
-                      "steps": metrics.get("epochs"), "train_images_per_s": metrics.get("train_images_per_s"),
+                      "epochs": metrics.get("epochs"), "train_images_per_s": metrics.get("train_images_per_s"),
                       "tail": (proc.stdout + proc.stderr).strip().splitlines()[-3:]}
         print(name, rows[name]["returncode"], f"{seconds:.0f}s", flush=True)
         out.with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=1))
