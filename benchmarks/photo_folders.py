@@ -93,7 +93,7 @@ def make_objects(out: Path, cache: Path, min_side: int = 32, margin: float = 0.1
     coco = coco_root(cache)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    objects: dict[str, list[tuple[Path, tuple[int, int, int, int], int]]] = {}
+    objects: dict[str, list[tuple[Path, tuple[int, int, int, int], int]]] = {}  # annotation ids repeat across splits
     for name in ("train2017", "val2017"):
         ann = json.loads((coco / "annotations" / f"instances_{name}.json").read_text())
         cats = {c["id"]: c["name"].replace(" ", "_") for c in ann["categories"]}
@@ -114,7 +114,7 @@ def make_objects(out: Path, cache: Path, min_side: int = 32, margin: float = 0.1
             with Image.open(path) as im:
                 im = im.convert("RGB")
                 clipped = (max(0, box[0]), max(0, box[1]), min(im.width, box[2]), min(im.height, box[3]))
-                im.crop(clipped).save(folder / f"{ann_id}.jpg", quality=92)
+                im.crop(clipped).save(folder / f"{path.parent.name}-{ann_id}.jpg", quality=92)
         counts[cat] = [len(items) - len(items) // 4, len(items) // 4]
     _finish(tmp, out, {"kind": "objects", "min_side": min_side, "margin": margin, "classes": counts})
 
