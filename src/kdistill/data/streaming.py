@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -65,7 +66,8 @@ def _header(path: str) -> tuple[int, int] | None:
 
     try:
         with Image.open(path) as im:
-            im.verify() if im.format != "JPEG" else None  # JPEG: the header is enough here; decoding checks the rest
+            if im.format != "JPEG":  # JPEG: the header is enough here; decoding checks the rest
+                im.verify()
             return im.size
     except Exception:  # Pillow raises many types for broken files
         return None
@@ -141,6 +143,9 @@ class StreamingFolder(torch.utils.data.Dataset):
                  decoder: str = "auto", reduce: bool = True, on_bad_image: str = "skip"):
         self.files, self.transform, self.train, self.seed = files, transform, train, seed
         self.decoder, self.reduce, self.on_bad_image = resolve_decoder(decoder), reduce, on_bad_image
+        # one fixed-width byte array, not a list of str: forked workers that read a list touch each item's
+        # reference count and so copy its memory page by page (per worker, for millions of paths)
+        self.paths = np.array([p.encode() for p in files.paths]) if len(files) else np.array([], dtype="S1")
 
     def __len__(self) -> int:
         return len(self.files)
@@ -160,7 +165,7 @@ class StreamingFolder(torch.utils.data.Dataset):
     def load(self, index: int, epoch: int = 0) -> tuple[Tensor, Tensor]:
         """The crop of sample ``index`` in ``epoch`` and its parameters; raises if the file cannot be decoded.
         With the ``gpu`` decoder: the file's bytes (a 1-D uint8 tensor), decoded later by the loader."""
-        with open(self.files.paths[index], "rb") as f:
+        with open(self.paths[index].decode(), "rb") as f:
             data = f.read()
         if self.decoder == "gpu":
             w, h = (int(v) for v in self.files.sizes[index])
@@ -197,6 +202,7 @@ class MemoryFolder(StreamingFolder):
             good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
             self.files = FolderFiles([files.paths[i] for i in good], files.targets[good], files.sizes[good],
                                      files.classes, files.skipped + [files.paths[i] for i in bad])
+            self.paths = self.paths[good]
             decoded = [decoded[i] for i in good]
         counts = torch.tensor([d.numel() for d in decoded], dtype=torch.long)
         self.offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
