@@ -20,10 +20,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from accuracy import run_kdistill  # noqa: E402
-from speed import machine_line  # noqa: E402
+from accuracy import run_kdistill
+from common import ROOT, machine_line
 
 
 def main() -> None:
