@@ -215,11 +215,12 @@ def make_loader(
     world_size: int = 1,
     num_workers: int = 0,
     progress: Any = None,
+    loader_class: type[torch.utils.data.DataLoader] = torch.utils.data.DataLoader,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader yielding ``(uint8 images, targets, indices)``: one index operation per batch for in-memory
     tensors, per-sample decoding in ``num_workers`` processes (resumable mid-epoch) for image folders."""
     if isinstance(data, ImageTensors):
-        return make_tensor_loader(data, batch_size, train, seed, rank, world_size, num_workers)
+        return make_tensor_loader(data, batch_size, train, seed, rank, world_size, num_workers, loader_class)
     return StreamingLoader(data, batch_size, train, seed, rank, world_size, num_workers, progress=progress)
 
 
