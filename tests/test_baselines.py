@@ -1,6 +1,6 @@
-"""Classic baselines DKD, AT, SP, PKT, RKD, NST, FitNet: losses, methods, recipes (baselines spec §2, §9).
+"""Classic baselines DKD, AT, SP, PKT, RKD, NST, FitNet: losses, methods, recipes (docs/methods/).
 
-Every loss is checked against the hand-computed values of the spec's §9 checklist and against a
+Every loss is checked against values computed by hand on tiny inputs and against a
 second formulation written here (loops or a different algebraic form, float64).
 """
 
@@ -31,7 +31,7 @@ def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=D)
 
 
-# --- DKD (§2.8, §9 item 2) ----------------------------------------------------------------------
+# --- DKD ----------------------------------------------------------------------------------------
 
 
 def test_dkd_hand_values_and_kd_identity():
@@ -50,7 +50,7 @@ def test_dkd_hand_values_and_kd_identity():
 
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
 def test_dkd_identity_kd_equals_tckd_plus_weighted_nckd(temperature):
-    """KD = TCKD + (1 − p^t_y)·NCKD per sample, at the same T (spec §2.8), on random logits."""
+    """KD = TCKD + (1 − p^t_y)·NCKD per sample, at the same T (DKD paper), on random logits."""
     s, t = _rand(5, 7, seed=1) * 3, _rand(5, 7, seed=2) * 3
     y = torch.tensor([0, 3, 6, 2, 2])
     for b in range(5):
@@ -87,7 +87,7 @@ def test_dkd_matches_probability_space_formulation():
 
 
 def test_dkd_log_space_does_not_underflow():
-    """A student target probability e^-200 underflows float32; log space stays exact (defect #6)."""
+    """A student target probability e^-200 underflows float32; log space stays exact (the reference's −1000 mask does not)."""
     s = torch.tensor([[-200.0, 0.0, 0.0]], requires_grad=True)
     t = torch.zeros(1, 3)
     loss = dkd_loss(s, t, torch.tensor([0]), alpha=1, beta=1, temperature=1)
@@ -106,7 +106,7 @@ def test_dkd_bad_inputs():
         dkd_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.tensor([0, 1, 2]))
 
 
-# --- AT (§2.3, §9 item 3) -------------------------------------------------------------------------
+# --- AT -----------------------------------------------------------------------------------------
 
 
 def test_at_hand_values():
@@ -131,14 +131,14 @@ def _at_loops(s, t, p=2):
 def test_at_matches_loops_with_fixed_kernel_pooling():
     s, t = _rand(3, 4, 8, 8, seed=5), _rand(3, 6, 4, 4, seed=6)
     assert at_loss(s, t).item() == pytest.approx(_at_loops(F.avg_pool2d(s, 2), t), rel=1e-9)
-    # rectangular maps pool per axis to (min H, min W) (defect #8): 8×6 vs 4×6 → kernel (2, 1)
+    # rectangular maps pool per axis to (min H, min W) (the reference assumes square maps): 8×6 vs 4×6 → kernel (2, 1)
     s2, t2 = _rand(2, 3, 8, 6, seed=7), _rand(2, 5, 4, 6, seed=8)
     assert at_loss(s2, t2).item() == pytest.approx(_at_loops(F.avg_pool2d(s2, (2, 1)), t2), rel=1e-9)
     assert at_loss(t2, s2).item() == pytest.approx(_at_loops(t2, F.avg_pool2d(s2, (2, 1))), rel=1e-9)
     assert at_loss(s, t, p=4).item() == pytest.approx(_at_loops(F.avg_pool2d(s, 2), t, p=4), rel=1e-9)
 
 
-# --- SP (§2.4, §9 item 4) -------------------------------------------------------------------------
+# --- SP -----------------------------------------------------------------------------------------
 
 
 def test_sp_hand_value():
@@ -159,7 +159,7 @@ def test_sp_matches_loops():
     assert sp_loss(s, t).item() == pytest.approx(total / B**2, rel=1e-9)
 
 
-# --- PKT (§2.6, §9 item 5) ------------------------------------------------------------------------
+# --- PKT ----------------------------------------------------------------------------------------
 
 
 def test_pkt_identical_is_zero_and_matches_loops():
@@ -179,7 +179,7 @@ def test_pkt_identical_is_zero_and_matches_loops():
     assert ref > 0
 
 
-# --- RKD (§2.5, §9 item 6) ------------------------------------------------------------------------
+# --- RKD ----------------------------------------------------------------------------------------
 
 
 def test_rkd_invariant_to_scale_and_translation():
@@ -219,7 +219,7 @@ def test_rkd_matches_loops():
     assert rkd_loss(s, t, 0.0, 1.0).item() == pytest.approx(l_a, rel=1e-6)
 
 
-# --- NST (§2.10, §9 item 7) -----------------------------------------------------------------------
+# --- NST ----------------------------------------------------------------------------------------
 
 
 def test_nst_identical_is_zero_and_channels_may_differ():
@@ -239,7 +239,7 @@ def test_nst_matches_spatial_gram_formulation():
     assert nst_loss(s, t).item() == pytest.approx(ref.item(), rel=1e-9)
 
 
-# --- FitNet (§2.2, §9 item 10) --------------------------------------------------------------------
+# --- FitNet -------------------------------------------------------------------------------------
 
 
 def test_fitnet_loss_value_and_shape_check():
@@ -249,7 +249,7 @@ def test_fitnet_loss_value_and_shape_check():
         fitnet_loss(a, b[:, :2])
 
 
-# (student C, H), (teacher C, H), kind, parameter count: the §2.2 table
+# (student C, H), (teacher C, H), kind, parameter count of the benchmark pairs (docs/methods/fitnet.md)
 CONVREG_TABLE = [
     ((64, 16), (64, 16), "conv", 4_288),  # WRN-40-2 → WRN-16-2
     ((32, 16), (64, 16), "conv", 2_240),  # WRN-40-2 → WRN-40-1
@@ -401,7 +401,7 @@ def test_fitnet_method_loss_uses_regressed_stage2():
     assert out["fitnet"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-# --- DKD warm-up (§2.8) ---------------------------------------------------------------------------
+# --- DKD warm-up --------------------------------------------------------------------------------
 
 
 def test_dkd_warmup_factor_uses_one_indexed_epochs():
@@ -426,7 +426,7 @@ def test_dkd_warmup_factor_uses_one_indexed_epochs():
 
 
 def test_defaults_are_the_benchmark_hyper_parameters():
-    """§2.12 and §2.8: γ = 1 everywhere and each method's β."""
+    """The CIFAR-100 benchmark's weights: γ = 1 everywhere and each method's β."""
     assert method_options("dkd") == {
         "ce_weight": 1.0, "alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": 20
     }
@@ -471,7 +471,7 @@ def test_stage_count_mismatch_is_a_clear_error():
             build_method(name, student=student, teachers=[teacher], teacher_taps=taps)
 
 
-# --- recipes (§4, §5) ---------------------------------------------------------------------------
+# --- recipes ------------------------------------------------------------------------------------
 
 SAME_ARCH = ["wrn_40_2-wrn_16_2", "wrn_40_2-wrn_40_1", "resnet56-resnet20", "resnet110-resnet20",
              "resnet110-resnet32", "resnet32x4-resnet8x4", "vgg13-vgg8"]
