@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from kdistill.card import export_paths, read_card_file
+from kdistill.card import export_paths, read_card_file, remove_dead_temporaries
 from kdistill.checkpoint import CheckpointError, load_weights, read_card, save_student
 from kdistill.config import Config, TrainerConfig
 from kdistill.data import DataBundle, ImageTensors, make_loader
@@ -288,6 +288,9 @@ def export(path: str | Path, out: str | Path, onnx: bool = False) -> list[Path]:
     """Write the student as safetensors (+ card) and optionally ONNX; returns the written files."""
     out, card_path, onnx_path = export_paths(out, onnx)  # three distinct files, checked before reading
     model, card = load_from_run(path)
+    for target in (out, card_path, onnx_path):
+        if target is not None:
+            remove_dead_temporaries(target)  # left by an export that was killed while writing
     written = [save_student(model, out, card), card_path]
     if onnx_path is not None:
         dummy = torch.zeros(1, *card["input_size"])
