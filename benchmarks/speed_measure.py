@@ -278,7 +278,8 @@ def measure_epoch(pair: str, args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(args.tmp) / f"epoch-{pair}"
     common = ["data.name=synthetic", f"data.num_classes={NUM_CLASSES}", f"data.train_size={args.batch * args.epoch_batches}",
               f"data.val_size={args.batch}", f"data.batch_size={args.batch}", f"data.eval_batch_size={args.batch}",
-              f"model={student}", f"teacher.model={teacher}", "method.name=kd", "trainer.max_epochs=1",
+              f"model={student}", f"teacher.model={teacher}", "teacher.allow_untrained=true", "teacher.evaluate=false",
+              "method.name=kd", "trainer.max_epochs=1",
               "trainer.progress_bar=false", "trainer.accelerator=cpu"]
     torch.manual_seed(0)
     built = build_run(build_config(None, [*common, f"output={tmp / 'build'}"]))

@@ -103,7 +103,7 @@ def plot_curves(histories: dict[str, list[dict]], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, rows in histories.items():
-        ax.plot([r["epoch"] for r in rows], [100 * r["val_top1"] for r in rows], marker="o", label=label)
+        ax.plot([r["epoch"] for r in rows], [r["val_top1"] for r in rows], marker="o", label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation top-1 (%)")
     ax.grid(alpha=0.3)
