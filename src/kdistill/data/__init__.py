@@ -11,7 +11,8 @@ from kdistill.data.tensors import BatchAugment, BatchSampler, ImageTensors, make
 from kdistill.utils import ConfigError, unknown_name_error
 
 DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder")
-# Channel statistics of the official training splits (baselines spec §3.1 for CIFAR-100).
+# Channel statistics of the official training splits (for CIFAR-100 those of the RepDistiller and
+# mdistiller benchmark code).
 KNOWN_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),
