@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from kdistill.card import export_paths, read_card_file
+from kdistill.card import export_paths, read_card_file, remove_dead_temporaries
 from kdistill.checkpoint import CheckpointError, load_weights, read_card, save_student
 from kdistill.config import Config, TrainerConfig
 from kdistill.data import DataBundle, ImageTensors, StreamingFolder, make_loader
@@ -372,6 +372,9 @@ def export(path: str | Path, out: str | Path, onnx: bool = False, onnx_preproces
     onnx = onnx or onnx_preprocess
     out, card_path, onnx_path = export_paths(out, onnx)  # three distinct files, checked before reading
     model, card = load_from_run(path)
+    for target in (out, card_path, onnx_path):
+        if target is not None:
+            remove_dead_temporaries(target)  # left by an export that was killed while writing
     if onnx:
         card = {**card, "onnx": onnx_contract(card, onnx_preprocess)}
     written = [save_student(model, out, card), card_path]
