@@ -124,7 +124,7 @@ class Distiller(nn.Module):
     def configure_teachers(self, precision: str = "32", channels_last: bool = False) -> None:
         """How the teacher pass runs: ``precision`` ``"32"``, ``"bf16"`` or ``"16"`` (autocast to bfloat16
         or float16 around the teachers; outputs are returned as float32), and the channels-last memory
-        format.
+        format (docs/speed.md).
 
         Under reduced precision the teacher's classifier (its last ``nn.Linear``) runs in float32 on the
         float32-cast pooled features: bf16 logits keep 8 mantissa bits (a step of 0.06 at a logit of

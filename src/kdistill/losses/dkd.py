@@ -1,4 +1,4 @@
-"""Decoupled knowledge distillation (Zhao et al., CVPR 2022, arXiv 2203.08679), baselines spec §2.8."""
+"""Decoupled knowledge distillation (Zhao et al., CVPR 2022, arXiv 2203.08679); docs/methods/dkd.md."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ def _log_parts(logits: Tensor, target_mask: Tensor) -> tuple[Tensor, Tensor, Ten
 
     The non-target log-softmax keeps the B×C layout with 0 at the target column (``nckd`` masks it
     out): no boolean indexing, so the shapes never depend on the data and ``torch.compile`` traces
-    it as one graph. Everything is a difference of log-sum-exps, so nothing underflows.
+    it as one graph. Everything is a difference of log-sum-exps, so nothing underflows (the
+    reference takes the log of probabilities after masking the target logit with −1000).
     """
     lse_all = torch.logsumexp(logits, dim=1)
     target_logit = torch.where(target_mask, logits, 0.0).sum(dim=1)
