@@ -234,3 +234,4 @@ def test_crop_cache_refuses_feature_methods_and_batch_transforms(packed, tmp_pat
     cifar = open_shards(str(out), build_transform("cifar", 16))[0]
     with pytest.raises(ConfigError, match="needs data.transform=imagenet"):
         build_crop_cache(_distiller(), cifar, norm, tmp_path / "g")
+

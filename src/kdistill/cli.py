@@ -118,11 +118,20 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     built = build_run(cfg)
     if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda"):
         built.distiller.cuda()
-    cache = build_teacher_cache(built.distiller, built.data.train, built.augment, args.out, views=args.views,
-                                storage=args.storage, topk=args.topk, batch_size=args.batch_size, seed=cfg.seed)
+    if getattr(built.data.train, "image_transform", getattr(built.data.train, "transform", None)) is not None:
+        # images cut per sample (data.transform=imagenet): K stored random resized crops, top-k labels
+        from kdistill.engine.crop_cache import build_crop_cache
+
+        cache = build_crop_cache(built.distiller, built.data.train, built.augment, args.out, views=args.views,
+                                 topk=args.topk, storage="fp32" if args.storage == "fp32" else "fp16",
+                                 batch_size=args.batch_size, seed=cfg.seed)
+    else:
+        cache = build_teacher_cache(built.distiller, built.data.train, built.augment, args.out, views=args.views,
+                                    storage=args.storage, topk=args.topk, batch_size=args.batch_size, seed=cfg.seed)
     m = cache.manifest
+    kind = f"top-{m['topk']} of crops" if "transform" in m else m["storage"]
     print(f"cached {len(cache.params)} images x {m['views']} views x {cache.num_teachers} teacher(s) "
-          f"({m['storage']}) in {m['build_seconds']:.0f}s -> {args.out}")
+          f"({kind}) in {m['build_seconds']:.0f}s -> {args.out}")
     print(f"use it with: kdistill distill <same recipe and overrides> teacher.cache={args.out}")
     return 0
 

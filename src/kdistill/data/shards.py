@@ -97,7 +97,7 @@ def pack_folder(
     workers: int = 1,
     storage_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Pack ``folder``'s splits (``train`` and ``val`` and/or ``test``) into LitData shards under ``out`` (a new
+    """Pack ``folder``'s splits (``train``, and ``val`` and/or ``test`` when present; training needs one) into LitData shards under ``out`` (a new
     or empty local folder, or an object-storage URL) and return the metadata written to ``out/kdistill.json``."""
     base = Path(folder)
     if not (base / "train").is_dir():
@@ -123,8 +123,6 @@ def pack_folder(
                          num_workers=min(workers, len(items)), reorder_files=False, verbose=False,
                          storage_options=storage_options or {})
         meta["splits"][split] = {"count": len(items), "bytes": sum(p.stat().st_size for p, _ in files)}
-    if len(meta["splits"]) < 2:
-        raise ConfigError(f"{str(folder)!r} needs a val/ or test/ folder beside train/")
     _write_meta(out, meta, storage_options)
     return meta
 
@@ -162,10 +160,31 @@ class ShardDataset(litdata.StreamingDataset):
         self.decoder, self.reduce = resolve_decoder(decoder), reduce
         self.views: Callable[[int, int], Tensor] | None = None
 
+    is_shards = True  # what ``kdistill.data.make_loader`` dispatches on (no LitData import needed there)
+
+    def set_distributed(self, rank: int, world_size: int, num_nodes: int = 1) -> None:
+        """Read rank ``rank``'s share of ``world_size``: the data set may be built before the process group exists
+        (LitData reads the environment once, at construction). Training shares are cut to equal lengths (no rank
+        waits for another at a collective); evaluation shares keep every sample once."""
+        from litdata.utilities.env import _DistributedEnv
+
+        self.distributed_env = _DistributedEnv(world_size, rank, num_nodes)
+        self.shuffler = None  # rebuilt for the new shares
+        if self.train:
+            self.set_drop_last(world_size > 1)
+
     @property
     def epoch(self) -> int:
         """The 0-based epoch being read (LitData counts from 1)."""
         return max(int(self.current_epoch) - 1, 0)
+
+    @property
+    def output_size(self) -> tuple[int, int, int]:
+        """``(3, H, W)`` of the samples: the transform's size, or the first image's own size."""
+        if self.image_transform.size is not None:
+            return (3, self.image_transform.size, self.image_transform.size)
+        image, _ = self.decode(bytes(self.raw(0)["image"]), 0, 0)
+        return tuple(image.shape)  # type: ignore[return-value]
 
     def raw(self, position: int) -> dict[str, Any]:
         """The stored sample at ``position`` of the split's chunks, undecoded."""
@@ -241,6 +260,21 @@ class ShardLoader(litdata.StreamingDataLoader):
         super().load_state_dict({k: v for k, v in state.items() if k != "bad_images"})
 
 
+def make_shard_loader(
+    dataset: ShardDataset,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    progress: Callable[[], int] | None = None,
+    with_params: bool = False,
+    num_nodes: int = 1,
+) -> ShardLoader:
+    """A ``ShardLoader`` over rank ``rank``'s share of ``dataset``."""
+    dataset.set_distributed(rank, world_size, num_nodes)
+    return ShardLoader(dataset, batch_size, num_workers, with_params=with_params, progress=progress)
+
+
 def open_shards(
     root: str,
     transform: ImageTransform,
@@ -265,6 +299,28 @@ def open_shards(
     val = ShardDataset(_join(root, evaluation), transform, False, seed, decoder, _sub(cache, evaluation),
                        storage_options, shuffle=False, drop_last=False)
     return train, val, list(meta["classes"])
+
+
+def shard_stats(dataset: ShardDataset, sample: int = 2000, seed: int = 0) -> tuple[list[float], list[float]]:
+    """Channel mean and standard deviation of the evaluation crops of up to ``sample`` images of a split (chosen
+    by ``seed``): a whole pass over a large split only for its statistics would cost an epoch."""
+    import random
+
+    from kdistill.data.tensors import ImageTensors
+
+    rows = sorted(random.Random(seed).sample(range(len(dataset)), min(sample, len(dataset))))
+    images = []
+    for position in rows:
+        item = dataset.raw(position)
+        try:
+            image, _ = decode_sample(bytes(item["image"]), dataset.image_transform, False, None, dataset.decoder)
+        except Exception:  # counted when training reads it
+            continue
+        images.append(image)
+    if not images:
+        raise ConfigError(f"none of {len(rows)} sampled images of {dataset.input_dir.path or dataset.input_dir.url} "
+                          "could be decoded")
+    return ImageTensors(torch.stack(images), torch.zeros(len(images), dtype=torch.long)).channel_stats()
 
 
 def _sub(cache: str | None, split: str) -> str | None:
