@@ -30,6 +30,7 @@ import torch
 from litdata.streaming.fs_provider import _get_fs_provider
 from torch import Tensor
 
+from kdistill.data.crops import FixedCrop
 from kdistill.data.decode import decode_sample, resolve_decoder
 from kdistill.data.folders import _list_split
 from kdistill.data.transforms import ImageTransform, sample_rng
@@ -125,22 +126,6 @@ def pack_folder(
         meta["splits"][split] = {"count": len(items), "bytes": sum(p.stat().st_size for p, _ in files)}
     _write_meta(out, meta, storage_options)
     return meta
-
-
-class FixedCrop:
-    """A transform whose crop is given (a stored view of the teacher cache) instead of drawn: everything else,
-    decoding and resizing, is the wrapped ``ImageTransform``'s."""
-
-    def __init__(self, transform: ImageTransform, params: Tensor):
-        self.transform, self.fixed = transform, params
-
-    def params(self, width: int, height: int, train: bool, rng: Any = None) -> Tensor:
-        return self.fixed
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.transform, name)
-
-
 
 
 class ShardDataset(litdata.StreamingDataset):

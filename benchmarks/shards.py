@@ -1,0 +1,116 @@
+"""Packing an image folder into LitData shards, and reading the shards against streaming the folder itself.
+
+Both readers decode in DataLoader worker processes with the same decoder and the same ``imagenet`` random resized
+crop + flip at ``--size``: the only difference is where the encoded bytes come from (one file per image, or a few large
+shards). Times are wall time and CPU seconds of the whole process tree (the main process and its workers, which exit
+after each measured pass), and the machine load (``uptime``) is recorded. The packed shards are kept in ``--cache``
+and reused (their packing time is stored with them), so a rerun measures only the reads.
+
+    python benchmarks/shards.py --folder /work/cache/data13/photos-5000 --cache /work/cache/shards13
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def pack(folder: Path, out: Path) -> dict[str, float]:
+    """Pack ``folder`` into ``out`` once (in a child process, so its CPU time is counted); reuse it afterwards."""
+    record = out / "pack-time.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    start_wall, start_cpu = time.perf_counter(), cpu_seconds()
+    subprocess.run([sys.executable, "-m", "kdistill.cli", "pack", str(folder), "--out", str(out)], check=True,
+                   env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    row = {"wall_s": time.perf_counter() - start_wall, "cpu_s": cpu_seconds() - start_cpu,
+           "bytes": sum(p.stat().st_size for p in out.rglob("*.bin"))}
+    record.write_text(json.dumps(row))
+    return row
+
+
+def measure(loader: torch.utils.data.DataLoader, batches: int) -> dict[str, float]:
+    """Images/s over ``batches`` batches after one warm-up batch (workers started, first chunks open)."""
+    it = iter(loader)
+    next(it)
+    start_wall, start_cpu, n = time.perf_counter(), cpu_seconds(), 0
+    for _ in range(batches):
+        images, _, _ = next(it)
+        n += len(images)
+    wall = time.perf_counter() - start_wall
+    del it  # workers exit: their CPU time joins RUSAGE_CHILDREN
+    time.sleep(0.5)
+    cpu = cpu_seconds() - start_cpu
+    return {"images": n, "wall_s": wall, "cpu_s": cpu, "images_per_s": n / wall, "images_per_cpu_s": n / cpu}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--folder", type=Path, required=True, help="image folder with train/<class>/<image>")
+    parser.add_argument("--cache", type=Path, required=True, help="where the packed shards are kept")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=30)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "shards.md")
+    args = parser.parse_args()
+
+    from kdistill.data import StreamingFolder, make_loader
+    from kdistill.data.shards import ShardDataset, make_shard_loader
+    from kdistill.data.streaming import scan_folder
+    from kdistill.data.transforms import build_transform
+
+    shards = args.cache / f"{args.folder.name}-shards"
+    packed = pack(args.folder, shards)
+    tf = build_transform("imagenet", args.size)
+    rows = {}
+    train = ShardDataset(str(shards / "train"), tf, train=True, seed=0)
+    rows["shards (LitData)"] = measure(make_shard_loader(train, args.batch_size, num_workers=args.workers),
+                                       args.batches)
+    files = scan_folder(args.folder / "train")
+    folder = StreamingFolder(files, tf, True, seed=0)
+    rows["image folder (streamed)"] = measure(make_loader(folder, args.batch_size, True, num_workers=args.workers),
+                                              args.batches)
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    lines = [
+        "# Shards: packing, and reading them against streaming the folder",
+        "",
+        f"Command: `python benchmarks/shards.py --folder {args.folder} --cache {args.cache} --size {args.size} "
+        f"--batch-size {args.batch_size} --batches {args.batches} --workers {args.workers}`",
+        "",
+        f"Machine: {os.cpu_count()} cores, no GPU; load while measuring: `{load}` (other work shared the machine).",
+        "",
+        f"Packing `{args.folder.name}` ({packed['bytes'] / 2**20:.0f} MiB of shards): {packed['wall_s']:.1f} s wall, "
+        f"{packed['cpu_s']:.1f} CPU s (one packing process; nothing is decoded).",
+        "",
+        f"Reading: random resized crop + flip at {args.size}, batch {args.batch_size}, {args.workers} workers, "
+        f"{args.batches} batches after one warm-up batch; CPU seconds of the main process and its workers.",
+        "",
+        "| reader | images | wall s | images/s | CPU s | images per CPU-second |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['images']} | {r['wall_s']:.2f} | {r['images_per_s']:.1f} | {r['cpu_s']:.2f} | "
+                     f"{r['images_per_cpu_s']:.1f} |")
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
