@@ -10,7 +10,7 @@ from torch import nn
 
 from kdistill.checkpoint import load_weights
 from kdistill.config import Config, ModelConfig
-from kdistill.data import BatchAugment, DataBundle, build_data
+from kdistill.data import BatchAugment, DataBundle, ImageTensors, build_data
 from kdistill.distiller import Distiller, Renormalize
 from kdistill.engine.teacher_cache import TeacherCache, load_teacher_cache
 from kdistill.methods import build_method, method_options
@@ -47,6 +47,10 @@ def load_data(cfg: Config) -> DataBundle:
         on_bad_image=d.on_bad_image,
         mean=d.mean,
         std=d.std,
+        transform=d.transform,
+        in_memory=d.in_memory,
+        decoder=d.decoder,
+        memory_budget_gb=d.memory_budget_gb,
     )
 
 
@@ -98,7 +102,12 @@ def build_run(cfg: Config, data: DataBundle | None = None) -> Built:
         **options,
     )
     distiller = Distiller(student, teachers, method, teacher_inputs)
-    augment = BatchAugment(data.mean, data.std, padding=4 if cfg.data.augment else 0, flip=cfg.data.augment)
+    # per-sample transforms (imagenet) crop and flip while decoding; the device only normalises
+    on_device = cfg.data.augment and data.batch_augment
+    augment = BatchAugment(data.mean, data.std, padding=4 if on_device else 0, flip=on_device)
     distiller.configure_teachers(cfg.teacher.precision, cfg.teacher.channels_last)
+    if cfg.teacher.cache and not isinstance(data.train, ImageTensors):
+        raise ConfigError("teacher.cache needs the training split in memory as fixed-size images (data.transform=cifar "
+                          "and data.in_memory=true or auto); this run streams it or crops per sample")
     cache = load_teacher_cache(cfg.teacher.cache, distiller, data.train, augment) if cfg.teacher.cache else None
     return Built(data, distiller, augment, cache)

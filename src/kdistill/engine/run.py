@@ -17,7 +17,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from kdistill.checkpoint import CheckpointError, load_weights, read_card, save_student
 from kdistill.config import Config, TrainerConfig
-from kdistill.data import DataBundle, ImageTensors, make_loader
+from kdistill.data import DataBundle, ImageTensors, StreamingFolder, make_loader
 from kdistill.engine.build import Built, build_run, load_data
 from kdistill.engine.callbacks import AtomicCheckpointIO, Throughput
 from kdistill.engine.module import DistillModule
@@ -36,11 +36,16 @@ class TensorDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         t = self.trainer
+        # a streamed loader records the batches training consumed (it runs ahead by its prefetch) to resume mid-epoch
         return make_loader(self.data.train, self.cfg.data.batch_size, True, self.cfg.seed,
-                           t.global_rank, t.world_size, self.cfg.data.num_workers)
+                           t.global_rank, t.world_size, self.cfg.data.num_workers,
+                           progress=lambda: t.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
         t = self.trainer
+        if not isinstance(self.data.val, ImageTensors):  # streamed: rank's rows in order, unpadded, like EvalShard
+            return make_loader(self.data.val, self.cfg.data.eval_batch_size, False, self.cfg.seed,
+                               t.global_rank, t.world_size, self.cfg.data.num_workers)
         sampler = EvalShard(len(self.data.val), self.cfg.data.eval_batch_size, t.global_rank, t.world_size)
         return torch.utils.data.DataLoader(self.data.val, batch_size=None, sampler=sampler,
                                            num_workers=self.cfg.data.num_workers, generator=torch.Generator())
@@ -131,6 +136,7 @@ def card_for(cfg: Config, data: DataBundle, metrics: dict[str, Any]) -> dict[str
         "teachers": [t.model for t in cfg.teachers],
         "metrics": metrics,
         "skipped_images": data.skipped,
+        "data_storage": data.storage,
         "recipe": cfg.to_dict(),
     }
 
@@ -165,6 +171,10 @@ def make_trainer(cfg: Config, out: Path, callbacks: list[L.Callback], enable_che
     # accuracy stalls would resume from a stale epoch
     last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1, monitor=None,
                            every_n_epochs=1, enable_version_counter=False)
+    if t.checkpoint_every_n_steps:  # mid-epoch: a killed run loses at most this many steps (docs/data.md)
+        callbacks = [*callbacks, ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1,
+                                                 monitor=None, every_n_train_steps=t.checkpoint_every_n_steps,
+                                                 enable_version_counter=False)]
     loggers = [CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="tb", version="")]
     extra = {k: v for k, v in (("limit_train_batches", t.limit_train_batches),
                                 ("limit_val_batches", t.limit_val_batches)) if v is not None}
@@ -224,8 +234,8 @@ def fit(cfg: Config, resume: bool = False, built: Built | None = None) -> RunRes
 
 
 @torch.no_grad()
-def evaluate_model(model: torch.nn.Module, val: ImageTensors, mean: list[float], std: list[float],
-                   batch_size: int = 256, device: str | torch.device = "cpu") -> dict[str, float]:
+def evaluate_model(model: torch.nn.Module, val: ImageTensors | StreamingFolder, mean: list[float], std: list[float],
+                   batch_size: int = 256, device: str | torch.device = "cpu", num_workers: int = 0) -> dict[str, float]:
     """Top-1/top-5 (%) on ``val`` and inference images/s (batch ``batch_size``)."""
     from kdistill.data import BatchAugment
 
@@ -233,8 +243,7 @@ def evaluate_model(model: torch.nn.Module, val: ImageTensors, mean: list[float],
     model = model.to(device).eval()
     correct1 = correct5 = 0
     elapsed = 0.0
-    for start in range(0, len(val), batch_size):
-        images, targets, _ = val[range(start, min(start + batch_size, len(val)))]
+    for images, targets, _ in make_loader(val, batch_size, train=False, num_workers=num_workers):
         x = aug(images.to(device), train=False)
         t0 = time.perf_counter()
         logits = model(x)
@@ -283,7 +292,8 @@ def evaluate(path: str | Path, cfg: Config | None = None) -> dict[str, float]:
     data = load_data(cfg)
     if data.num_classes != card["num_classes"]:
         raise ConfigError(f"the model has {card['num_classes']} classes but the data set has {data.num_classes}")
-    return evaluate_model(model, data.val, card["mean"], card["std"], cfg.data.eval_batch_size)
+    return evaluate_model(model, data.val, card["mean"], card["std"], cfg.data.eval_batch_size,
+                          num_workers=cfg.data.num_workers)
 
 
 def export(path: str | Path, out: str | Path, onnx: bool = False) -> list[Path]:
