@@ -2,8 +2,8 @@
 
 Both readers decode in DataLoader worker processes with the same decoder and the same ``imagenet`` random resized
 crop + flip at ``--size``: the only difference is where the encoded bytes come from (one file per image, or a few large
-shards). Times are wall time and CPU seconds of the whole process tree (the main process and its workers, which exit
-after each measured pass), and the machine load (``uptime``) is recorded. The packed shards are kept in ``--cache``
+shards). Times are wall time and CPU seconds of the main process and its worker processes (read from /proc while they
+run), and the machine load (``uptime``) is recorded. The packed shards are kept in ``--cache``
 and reused (their packing time is stored with them), so a rerun measures only the reads.
 
     python benchmarks/shards.py --folder /work/cache/data13/photos-5000 --cache /work/cache/shards13
@@ -31,6 +31,20 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def children_cpu() -> dict[int, float]:
+    """CPU seconds so far of each live child process (the DataLoader workers), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid():  # fields after the name: state, ppid, ..., utime (12), stime (13)
+            out[int(stat.parent.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def pack(folder: Path, out: Path) -> dict[str, float]:
     """Pack ``folder`` into ``out`` once (in a child process, so its CPU time is counted); reuse it afterwards."""
     record = out / "pack-time.json"
@@ -49,14 +63,15 @@ def measure(loader: torch.utils.data.DataLoader, batches: int) -> dict[str, floa
     """Images/s over ``batches`` batches after one warm-up batch (workers started, first chunks open)."""
     it = iter(loader)
     next(it)
-    start_wall, start_cpu, n = time.perf_counter(), cpu_seconds(), 0
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    start_wall, start_own, start_kids, n = time.perf_counter(), own.ru_utime + own.ru_stime, children_cpu(), 0
     for _ in range(batches):
         images, _, _ = next(it)
         n += len(images)
     wall = time.perf_counter() - start_wall
-    del it  # workers exit: their CPU time joins RUSAGE_CHILDREN
-    time.sleep(0.5)
-    cpu = cpu_seconds() - start_cpu
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), children_cpu()  # workers still alive: read them now
+    cpu = own.ru_utime + own.ru_stime - start_own + sum(c - start_kids.get(pid, 0.0) for pid, c in kids.items())
+    del it
     return {"images": n, "wall_s": wall, "cpu_s": cpu, "images_per_s": n / wall, "images_per_cpu_s": n / cpu}
 
 

@@ -140,6 +140,11 @@ class CropCache:
         return topk_expand(self.values[teacher, i, v], self.classes[teacher, i, v], self.fill[teacher, i, v],
                            self.num_classes)
 
+    def training_batch(self, batch: Batch, augment: Any, teachers: Sequence[int]) -> tuple[Batch, list[ModelOutput]]:
+        """The batch as it is (its images are the stored crops, already normalised) and the cached outputs of
+        ``teachers`` for exactly those crops."""
+        return CachedCropTeachers(self)(batch, teachers)
+
 
 class CachedCropTeachers:
     """A teacher source for the training step: the batch's images are the stored crops (cut by the workers); the
@@ -163,7 +168,7 @@ def _encoded(dataset: Any) -> Iterator[tuple[int, bytes]]:
         for position in range(len(dataset)):
             item = dataset.raw(position)
             yield int(item["index"]), bytes(item["image"])
-    elif hasattr(dataset, "files"):  # a streamed image folder: files in listing order
+    elif hasattr(dataset, "files"):  # a streamed image folder: the sample index is the position in its listing
         for index, path in enumerate(dataset.files.paths):
             with open(path, "rb") as f:
                 yield index, f.read()
@@ -210,10 +215,14 @@ def check_crop_cache_usable(distiller: Any, dataset: Any) -> None:
         raise TeacherCacheError(
             "the crop teacher cache stores random resized crops: it needs data.transform=imagenet; for the cifar "
             "transform (pad-crop + flip on whole batches) build the view cache of in-memory data instead")
-    if not (hasattr(dataset, "raw") or hasattr(dataset, "files")) or not hasattr(dataset, "views"):
+    if not (hasattr(dataset, "raw") or hasattr(dataset, "files")) or not hasattr(dataset, "views") \
+            or hasattr(dataset, "buffer"):
         raise TeacherCacheError(
             f"the crop teacher cache works with shards (data.name=shards) or streamed image folders, not with "
             f"{type(dataset).__name__}; set data.in_memory=false for an image folder")
+    if dataset.decoder == "gpu":
+        raise TeacherCacheError("the crop teacher cache decodes crops on the CPU while building; data.decoder=gpu "
+                                "decodes them differently (a grey level or two): use a CPU decoder with the cache")
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from kdistill.config import Config
 from kdistill.data import BatchAugment
 from kdistill.distiller import Distiller
 from kdistill.engine.allocator import keep_freed_memory
+from kdistill.engine.crop_cache import CropCache
 from kdistill.engine.schedule import lr_factor
 from kdistill.engine.teacher_cache import TeacherCache
 from kdistill.methods.adversarial import OwnOptimizerStep
@@ -76,7 +77,7 @@ class DistillModule(L.LightningModule):
         distiller: Distiller,
         augment: BatchAugment,
         num_classes: int,
-        teacher_cache: TeacherCache | None = None,
+        teacher_cache: TeacherCache | CropCache | None = None,
     ):
         super().__init__()
         self.cfg = cfg
@@ -134,10 +135,11 @@ class DistillModule(L.LightningModule):
         return self.distiller.student(images)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Batch:
-        images, targets, index = batch
-        if self.teacher_cache is not None and self.training:
+        images, targets, index, *crops = batch  # crops: cut per sample from a crop cache's stored views
+        if isinstance(self.teacher_cache, TeacherCache) and self.training:
             return Batch(images, targets, index)  # uint8: training_step augments with the drawn cached views
-        return Batch(self.augment(images, train=self.training and self.cfg.data.augment), targets, index)
+        return Batch(self.augment(images, train=self.training and self.cfg.data.augment), targets, index,
+                     crops[0] if crops else None)
 
     def on_fit_start(self) -> None:
         if self.device.type == "cpu":
