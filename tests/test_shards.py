@@ -171,7 +171,7 @@ def test_topk_rule_by_hand() -> None:
 
 def _distiller(method: str = "kd"):
     import kdistill
-    from kdistill.distiller import Distiller
+    from kdistill.step import Distiller
 
     torch.manual_seed(0)
     student = kdistill.create_model("cifar.resnet8", num_classes=CLASSES)
