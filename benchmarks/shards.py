@@ -6,7 +6,9 @@ shards). Times are wall time and CPU seconds of the main process and its worker 
 run), and the machine load (``uptime``) is recorded. The packed shards are kept in ``--cache``
 and reused (their packing time is stored with them), so a rerun measures only the reads.
 
-    python benchmarks/shards.py --folder /work/cache/data13/photos-5000 --cache /work/cache/shards13
+    export CACHE=/path/to/a/cache/folder            # outside the repository; shown as $CACHE in the results
+    python benchmarks/photo_folders.py photos --count 5000 --out $CACHE/photos-5000
+    python benchmarks/shards.py --folder $CACHE/photos-5000 --cache $CACHE
 """
 
 from __future__ import annotations
@@ -102,12 +104,19 @@ def main() -> None:
     folder = StreamingFolder(files, tf, True, seed=0)
     rows["image folder (streamed)"] = measure(make_loader(folder, args.batch_size, True, num_workers=args.workers),
                                               args.batches)
+    def shown(path: Path) -> str:
+        cache = os.environ.get("CACHE")
+        return str(path).replace(cache.rstrip("/"), "$CACHE") if cache else str(path)
+
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     lines = [
         "# Shards: packing, and reading them against streaming the folder",
         "",
-        f"Command: `python benchmarks/shards.py --folder {args.folder} --cache {args.cache} --size {args.size} "
+        f"Command: `python benchmarks/shards.py --folder {shown(args.folder)} --cache {shown(args.cache)} --size {args.size} "
         f"--batch-size {args.batch_size} --batches {args.batches} --workers {args.workers}`",
+        "",
+        f"The folder: `python benchmarks/photo_folders.py photos --count 5000 --out {shown(args.folder)}` (real photos "
+        "at ordinary sizes); `$CACHE` is a cache folder outside the repository.",
         "",
         f"Machine: {os.cpu_count()} cores, no GPU; load while measuring: `{load}` (other work shared the machine).",
         "",

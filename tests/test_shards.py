@@ -287,3 +287,29 @@ def test_run_killed_mid_epoch_resumes_without_repeating_or_skipping_samples(pack
     seen = [i for r in rows for i in r["index"]]
     assert sorted(seen) == list(range(TRAIN)), "repeated or skipped samples"
     assert seen != sorted(seen)  # shuffled
+
+
+def test_cache_teacher_on_shards_then_distill_without_teacher_pass(packed, tmp_path: Path, capsys) -> None:
+    from kdistill import step
+    from kdistill.cli import main
+
+    _, out = packed
+    common = ["model=cifar.resnet8", "teacher.model=cifar.resnet8", "method.name=kd", "data.name=shards",
+              f"data.root={out}", "data.transform=imagenet", "data.image_size=16", "data.batch_size=16",
+              "data.eval_batch_size=16", "trainer.max_epochs=1", "trainer.accelerator=cpu",
+              "trainer.progress_bar=false", f"output={tmp_path / 'run'}"]
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", *common, "--views", "2", "--topk", "2", "--out", str(cache)]) == 0
+    assert "top-2 of crops" in capsys.readouterr().out
+    calls = []
+    original = step.Distiller.teacher_forward
+    step.Distiller.teacher_forward = lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    try:
+        assert main(["distill", *common, f"teacher.cache={cache}"]) == 0
+    finally:
+        step.Distiller.teacher_forward = original
+    assert calls == []  # every training step took the teachers' outputs from the cache
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 1
+    # a feature method cannot use a logit cache: exit 2 with the reason, before any training
+    assert main(["distill", *common, "method.name=fitnet", f"teacher.cache={cache}"]) == 2
+    assert "reads teacher features" in capsys.readouterr().err

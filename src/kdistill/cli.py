@@ -224,7 +224,8 @@ def quiet_lightning(verbose: bool) -> None:
         logging.getLogger(name).setLevel(level)
     if not verbose:
         for pattern in (".*LeafSpec.*", ".*overridden `on_after_batch_transfer`.*", ".*smaller than the logging interval.*",
-                        ".*litlogger.*", ".*module\\(s\\) in eval mode.*"):
+                        ".*litlogger.*", ".*module\\(s\\) in eval mode.*",
+                        ".*`IterableDataset` has `__len__` defined.*"):  # LitData gives each worker its own share
             warnings.filterwarnings("ignore", message=pattern)
 
 
