@@ -130,3 +130,32 @@ def test_cache_teacher_on_shards_then_distill_without_teacher_pass(packed_shards
     # a feature method cannot use a logit cache: exit 2 with the reason, before any training
     assert main(["distill", *common, "method.name=fitnet", f"teacher.cache={cache}"]) == 2
     assert "reads teacher features" in capsys.readouterr().err
+
+
+def test_crop_cache_on_a_streamed_folder_serves_the_crops_its_workers_cut(packed_shards, tmp_path: Path) -> None:
+    from kdistill.data import BatchAugment, StreamingFolder, make_loader
+    from kdistill.data.streaming import scan_folder
+    from kdistill.engine.crop_cache import CachedCropTeachers, build_crop_cache
+    from kdistill.methods.base import Batch
+
+    folder, _ = packed_shards
+    distiller = _distiller()
+    norm = BatchAugment([0.5] * 3, [0.25] * 3, padding=0, flip=False)
+    train = StreamingFolder(scan_folder(folder / "train", cache_dir=str(tmp_path)), build_transform("imagenet", 16),
+                            True, seed=3, decoder="simplejpeg")
+    cache = build_crop_cache(distiller, train, norm, tmp_path / "c", views=2, topk=3, storage="fp32", seed=1)
+    train.views = cache.crop_views()
+    source, seen = CachedCropTeachers(cache), []
+    for epoch in (0, 1):
+        loader = make_loader(train, 16, True, seed=3, num_workers=1)
+        loader.epoch_batches.set_epoch(epoch)
+        for images, targets, index, crops in loader:
+            x = norm.normalize(images)
+            _, (cached,) = source(Batch(x, targets, index, crops=crops), [0])
+            live = distiller.teacher_forward(0, x).logits
+            top = live.topk(3, dim=1)
+            torch.testing.assert_close(cached.logits.gather(1, top.indices), top.values, rtol=1e-5, atol=1e-5)
+            seen += [(epoch, i, int(cache.view_for(index, crops)[k])) for k, i in enumerate(index.tolist())]
+    assert sorted(i for e, i, _ in seen if e == 0) == list(range(TRAIN))
+    views = {v for _, _, v in seen}
+    assert views == {0, 1}  # both stored crops are used, drawn per sample and epoch
