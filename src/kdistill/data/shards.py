@@ -269,6 +269,9 @@ def open_shards(
     storage_options: dict[str, Any] | None = None,
 ) -> tuple[ShardDataset, ShardDataset, list[str]]:
     """The train split and the val (or test) split of the shards at ``root``, and the class names."""
+    if decoder == "gpu":
+        raise ConfigError("data.decoder=gpu decodes batches of image files in the main process; shards decode in the "
+                          "DataLoader workers: use data.decoder=auto, simplejpeg, pil or torchvision")
     meta = read_meta(root, storage_options)
     evaluation = next((s for s in ("val", "test") if s in meta["splits"]), None)
     if "train" not in meta["splits"] or evaluation is None:
