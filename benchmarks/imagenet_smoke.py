@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT
+
 BUDGET = ["data.batch_size=2", "data.eval_batch_size=4", "data.num_workers=2", "data.in_memory=false",
           "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
           "trainer.accelerator=cpu", "trainer.devices=1", "trainer.progress_bar=false"]
@@ -55,7 +56,6 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="*", default=None, help="recipe names (default: every recipes/imagenet one)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "imagenet-smoke"))
     args = parser.parse_args()
-    sys.path.insert(0, str(ROOT / "src"))
     from kdistill.config import build_config
 
     names = args.recipes or sorted(str(p.relative_to(ROOT / "recipes").with_suffix(""))

@@ -26,10 +26,10 @@ import shutil
 import tarfile
 from pathlib import Path
 
+from common import SHARED
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-ARCHIVE = ROOT.parent / "shared" / "data" / "coco128-seg.tar.gz"
+ARCHIVE = SHARED / "data" / "coco128-seg.tar.gz"
 PHOTO_SIZES = ((500, 375), (375, 500), (500, 333), (333, 500), (640, 480), (480, 640), (500, 400), (450, 338))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -234,3 +235,21 @@ def test_epoch_batches_skip_applies_once() -> None:
     sampler.skip = 3
     assert list(sampler) == full[3:] and list(sampler) == full
     assert all(e == 2 for batch in full for _, e in batch)
+
+
+def test_data_options_are_checked_before_anything_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = ["train", "model=cifar.resnet8", f"output={tmp_path / 'run'}"]
+    cases = [
+        (["data.transform=imagenett"], r"unknown value for data.transform 'imagenett'.*Did you mean 'imagenet'"),
+        (["data.in_memory=sometimes"], r"unknown value for data.in_memory 'sometimes'.*auto, false, true"),
+        (["data.decoder=libjpeg"], r"unknown value for data.decoder 'libjpeg'.*simplejpeg"),
+        (["data.name=imagefolder", "data.root=x", "data.transform=imagenet"], "needs data.name=imagefolder and data.image_size"),
+        (["data.memory_budget_gb=-1"], "data.memory_budget_gb must be >= 0"),
+        (["trainer.checkpoint_every_n_steps=0"], "trainer.checkpoint_every_n_steps must be >= 1"),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        assert re.search(message, err), (extra, err)
+    assert not (tmp_path / "run").exists()
