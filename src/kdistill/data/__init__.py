@@ -234,12 +234,14 @@ def make_loader(
     world_size: int = 1,
     num_workers: int = 0,
     progress: Any = None,
+    loader_class: type[torch.utils.data.DataLoader] = torch.utils.data.DataLoader,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader yielding ``(uint8 images, targets, indices)``: one index operation per batch for in-memory
     tensors, per-sample decoding in ``num_workers`` processes (resumable mid-epoch) for image folders and shards.
-    A training split that cuts the stored crops of a teacher cache (``views``) also yields each batch's crops."""
+    A training split that cuts the stored crops of a teacher cache (``views``) also yields each batch's crops.
+    ``loader_class`` is the DataLoader class of in-memory tensors (a resumable one for training)."""
     if isinstance(data, ImageTensors):
-        return make_tensor_loader(data, batch_size, train, seed, rank, world_size, num_workers)
+        return make_tensor_loader(data, batch_size, train, seed, rank, world_size, num_workers, loader_class)
     if getattr(data, "is_shards", False):  # LitData shards: LitData splits them by rank and worker
         from kdistill.data.shards import make_shard_loader
 

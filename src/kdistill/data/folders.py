@@ -54,8 +54,10 @@ def _list_split(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, files
 
 
-def _fingerprint(files: list[tuple[Path, int]], image_size: int | None, decoder: str = "pil") -> str:
-    h = hashlib.sha256(f"v2 {image_size} {decoder}".encode())
+def _fingerprint(files: list[tuple[Path, int]], image_size: int | None, decoder: str = "pil",
+                 on_bad_image: str = "skip") -> str:
+    # every setting that changes the decoded result is part of the key; v3: faithful 16-bit/float modes, decoders
+    h = hashlib.sha256(f"v3 {image_size} {decoder} {on_bad_image}".encode())
     for path, label in files:
         st = path.stat()
         h.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -103,7 +105,7 @@ def load_image_folder(
             f"missing: {sorted(set(classes) - set(found_classes))[:5]})"
         )
     cache = Path(cache_dir or default_cache_dir()) / "folders"
-    key = _fingerprint(files, image_size, decoder)
+    key = _fingerprint(files, image_size, decoder, on_bad_image)
     cached = cache / f"{split_dir.name}-{key}.safetensors"
     if cached.exists():
         blob = load_file(str(cached))
@@ -131,6 +133,10 @@ def load_image_folder(
         targets.append(label)
     if skipped:
         log.warning("skipped %d unreadable images in %s (first: %s)", len(skipped), split_dir, skipped[0])
+        unreadable = [name for label, name in enumerate(found_classes) if label not in set(targets)]
+        if unreadable:
+            raise ConfigError(f"{str(split_dir)!r}: every image of class folder(s) {unreadable[:10]} is unreadable "
+                              f"(first skipped: {skipped[0]!r}); fix or remove them")
     if not images:
         raise ConfigError(f"no readable images in {str(split_dir)!r}")
     tensors = ImageTensors(torch.stack(images), torch.tensor(targets, dtype=torch.long))

@@ -7,6 +7,7 @@ import torch
 
 from kdistill.config import Config
 from kdistill.data import DataBundle, ImageTensors, make_loader
+from kdistill.engine.resume import ResumableLoader
 
 
 class TensorDataModule(L.LightningDataModule):
@@ -18,10 +19,18 @@ class TensorDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         t = self.trainer
+
+        def progress() -> int:  # batches of the epoch trained on (the loader runs ahead by its prefetch)
+            return t.fit_loop.epoch_loop.batch_progress.current.processed
+
+        if isinstance(self.data.train, ImageTensors):
+            loader = make_loader(self.data.train, self.cfg.data.batch_size, True, self.cfg.seed,
+                                 t.global_rank, t.world_size, self.cfg.data.num_workers, loader_class=ResumableLoader)
+            loader.progress = progress
+            return loader
         # a streamed loader records the batches training consumed (it runs ahead by its prefetch) to resume mid-epoch
         return make_loader(self.data.train, self.cfg.data.batch_size, True, self.cfg.seed,
-                           t.global_rank, t.world_size, self.cfg.data.num_workers,
-                           progress=lambda: t.fit_loop.epoch_loop.batch_progress.current.processed)
+                           t.global_rank, t.world_size, self.cfg.data.num_workers, progress=progress)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
         t = self.trainer
