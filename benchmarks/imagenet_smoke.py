@@ -69,8 +69,9 @@ def main() -> None:
         if name in rows and rows[name]["returncode"] == 0:
             continue
         cfg = build_config(name)
-        files = [(m.model, m.checkpoint) for m in [cfg.student, *cfg.teachers] if m.checkpoint]
-        missing_teacher_files = [t.model for t in cfg.teachers if not t.checkpoint]
+        files = [(m.model, m.checkpoint or m.pretrained) for m in [cfg.student, *cfg.teachers]
+                 if m.checkpoint or m.pretrained]
+        missing_teacher_files = [t.model for t in cfg.teachers if not (t.checkpoint or t.pretrained)]
         for model, checkpoint in files:
             if not (work / checkpoint).is_file():
                 write_random_weights(model, work / checkpoint, cfg.data.num_classes)

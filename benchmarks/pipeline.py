@@ -158,7 +158,7 @@ def main() -> None:
                                                      "results": result, "speedup_vs_best_torchvision": ours / best_tv,
                                                      "speedup_per_cpu_second": ours_cpu / best_tv_cpu}, indent=1))
     lines = [
-        "# Input pipeline: in-memory uint8 batches vs torchvision's per-image CIFAR pipeline (issue 6)", "",
+        "# Input pipeline: in-memory uint8 batches vs torchvision's per-image CIFAR pipeline", "",
         f"Machine: {machine_line()}", "Command:", f"    {command}", "",
         f"{args.images} uint8 32×32 images in memory, batch {args.batch}, pad-4 crop + flip + normalise, one intra-op thread; "
         f"median of {args.rounds} alternating rounds of {args.batches} batches. Load average {load0[0]:.1f} at the start, "

@@ -27,19 +27,20 @@ def test_recipe_streams_with_the_imagenet_transform_and_names_each_teacher_file(
     assert cfg.data.transform == "imagenet" and cfg.data.image_size == 224 and cfg.data.num_classes == 1000
     assert cfg.teachers
     for teacher in cfg.teachers:
-        assert teacher.checkpoint, f"{name}: teacher {teacher.model} names no weights file"
+        weights = teacher.checkpoint or teacher.pretrained
+        assert weights, f"{name}: teacher {teacher.model} names no weights file"
         family = teacher.model.split(".")[0]
         # torchvision's own downloads are .pth state dicts, timm's hub files are safetensors
-        assert Path(teacher.checkpoint).suffix == {"torchvision": ".pth", "timm": ".safetensors"}[family]
+        assert Path(weights).suffix == {"torchvision": ".pth", "timm": ".safetensors"}[family]
 
 
 def test_torchvision_teacher_file_loads_strictly_and_a_wrong_one_is_named(tmp_path: Path) -> None:
     cfg = build_config("imagenet/reviewkd/resnet34-resnet18")
-    teacher = cfg.teachers[0]
-    assert teacher.checkpoint == "checkpoints/torchvision/resnet34-b627a593.pth"
+    teacher = dataclasses.replace(cfg.teachers[0], pretrained=None)
+    assert cfg.teachers[0].pretrained == "checkpoints/torchvision/resnet34-b627a593.pth"
     torch.manual_seed(1)
     state = create_model(teacher.model, num_classes=1000).state_dict()  # torchvision's own key names
-    path = tmp_path / Path(teacher.checkpoint).name
+    path = tmp_path / Path(cfg.teachers[0].pretrained).name
     torch.save(state, path)
     model = build_model(dataclasses.replace(teacher, checkpoint=str(path)), 1000, "teacher")
     assert torch.equal(model.state_dict()["layer4.2.bn2.running_var"], state["layer4.2.bn2.running_var"])

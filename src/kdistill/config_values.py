@@ -58,9 +58,8 @@ def choices(*allowed: str) -> Rule:
 
 
 def in_memory(key: str, value: Any) -> None:
-    """``data.in_memory``: auto, true or false (YAML booleans included)."""
-    if isinstance(value, (dict, list)) or str(value).lower() not in ("auto", "true", "false"):
-        raise unknown_name_error(f"value for {key}", short_repr(value), ("auto", "true", "false"))
+    """``auto``, ``true`` or ``false`` (YAML's booleans too)."""
+    choices("auto", "true", "false")(key, str(value).lower())
 
 
 def channel_stats(positive: bool) -> Rule:
@@ -150,7 +149,7 @@ def strategy(key: str, value: Any) -> None:
 
 
 MODEL_RULES: dict[str, Rule] = {
-    "model": name, "checkpoint": name, "taps": taps, "mean": channel_stats(False), "std": channel_stats(True),
+    "model": name, "checkpoint": name, "pretrained": name, "taps": taps, "mean": channel_stats(False), "std": channel_stats(True),
     "kwargs": free,  # checked against the model's constructor (check_model_kwargs)
 }
 
@@ -166,6 +165,7 @@ RULES: dict[str, Rule] = {
     "data.train_size": integer(1, 100_000_000),
     "data.val_size": integer(1, 100_000_000),
     "data.train_per_class": integer(1, 100_000_000),
+    "data.val_per_class": integer(1, 100_000_000),
     "data.batch_size": integer(1, 1_000_000),
     "data.eval_batch_size": integer(1, 1_000_000),
     "data.num_workers": integer(0, 1024),
@@ -184,6 +184,8 @@ RULES: dict[str, Rule] = {
     **{f"teachers.*.{k}": rule for k, rule in MODEL_RULES.items()},
     "teacher.precision": choices("32", "bf16"),
     "teacher.channels_last": free,
+    "teacher.allow_untrained": free,
+    "teacher.evaluate": free,
     "teacher.cache": name,
     "method.name": name,
     "method.options": free,  # each method checks its own options (names, types, ranges)
@@ -277,6 +279,10 @@ def check_model_kwargs(key: str, model: str, kwargs: dict[str, Any], num_classes
 
     if "num_classes" in kwargs:
         raise ConfigError(f"{key}.kwargs.num_classes: the number of classes comes from the data (data.num_classes)")
+    for weights in ("weights", "pretrained"):
+        if weights in kwargs:
+            raise ConfigError(f"{key}.kwargs.{weights}: weights are not downloaded; save them once and name the file "
+                              f"with {key}.pretrained=<path> (the classifier is replaced for your class count)")
     try:
         with torch.device("meta"):
             create_model(model, num_classes=num_classes, **kwargs)

@@ -33,7 +33,8 @@ IN_MEMORY = ("auto", "true", "false")
 # overrides it): the rest stays for the models, the optimizer, the DataLoader workers and the page cache
 MEMORY_SHARE = 0.5
 STATS_SAMPLE = 2000  # images whose evaluation crops estimate the channel statistics of a streamed split
-# Channel statistics of the official training splits (baselines spec §3.1 for CIFAR-100).
+# Channel statistics of the official training splits (for CIFAR-100 those of the RepDistiller and
+# mdistiller benchmark code).
 KNOWN_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),

@@ -32,6 +32,7 @@ from torch import Tensor
 from kdistill.data.crops import FixedCrop
 from kdistill.data.decode import decode_batch, decode_sample, decode_threads, gpu_device, resolve_decoder
 from kdistill.data.folders import _list_split, default_cache_dir
+from kdistill.data.image_modes import to_rgb
 from kdistill.data.tensors import BatchSampler, ImageTensors
 from kdistill.data.transforms import ImageTransform, sample_rng
 from kdistill.utils import ConfigError
@@ -220,7 +221,7 @@ class MemoryFolder(StreamingFolder):
 
         try:
             with Image.open(self.files.paths[i]) as im:
-                rgb = im.convert("RGB")
+                rgb = to_rgb(im)
                 if rgb.size != tuple(int(v) for v in self.files.sizes[i]):
                     return f"decoded size {rgb.size} differs from the header's"
                 return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)

@@ -20,7 +20,7 @@ class TensorDataModule(L.LightningDataModule):
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         t = self.trainer
 
-        def progress() -> int:  # batches of the epoch trained on (the loader runs ahead by its prefetch)
+        def progress() -> int:  # batches training consumed in this epoch (the loader runs ahead)
             return t.fit_loop.epoch_loop.batch_progress.current.processed
 
         if isinstance(self.data.train, ImageTensors):
