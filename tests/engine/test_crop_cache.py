@@ -111,7 +111,7 @@ def test_cache_teacher_on_shards_then_distill_without_teacher_pass(packed_shards
     from kdistill.cli import main
 
     _, out = packed_shards
-    common = ["model=cifar.resnet8", "teacher.model=cifar.resnet8", "method.name=kd", "data.name=shards",
+    common = ["model=cifar.resnet8", "teacher.model=cifar.resnet8", "method.name=kd", "teacher.allow_untrained=true", "data.name=shards",
               f"data.root={out}", "data.transform=imagenet", "data.image_size=16", "data.batch_size=16",
               "data.eval_batch_size=16", "trainer.max_epochs=1", "trainer.accelerator=cpu",
               "trainer.progress_bar=false", f"output={tmp_path / 'run'}"]
