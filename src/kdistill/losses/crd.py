@@ -13,8 +13,8 @@ Differences from the reference implementations (spec §8):
 * #4 negatives come from a fast sampler by default (uniform *with* replacement over all other
   samples, drawn on the device); ``sampling="exact"`` draws them *without* replacement as the
   reference does. Neither mode excludes samples of the positive's class (the reference draws
-  from other classes only, i.e. it also skips the ~1% same-class rows on CIFAR-100): the bank
-  does not know the labels;
+  from other classes only, i.e. it also skips the ~1% same-class rows on CIFAR-100) unless the
+  training labels are given (``labels=``), which makes both modes draw from other classes only;
 * #5 the normalisers ``Z`` are fixed by the first batch (faithful) and kept in buffers, so a
   resumed run keeps them.
 
@@ -25,31 +25,14 @@ writes and the banks stay identical; ``Z`` is set from the mean over all process
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SAMPLING_MODES = ("fast", "exact")
+from kdistill.losses.memory import SAMPLING_MODES, ContrastSampler, MemoryBank, world_size
 
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _all_gather_rows(x: Tensor) -> Tensor:
-    """Rows of ``x`` from every process, concatenated in rank order (batch sizes may differ)."""
-    world = dist.get_world_size()
-    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
-    most = int(max(s.item() for s in sizes))
-    padded = torch.zeros(most, *x.shape[1:], dtype=x.dtype, device=x.device)
-    padded[: x.shape[0]] = x
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return torch.cat([part[: int(n.item())] for part, n in zip(parts, sizes, strict=True)])
+__all__ = ["SAMPLING_MODES", "CRDLoss", "ContrastMemory", "Embed", "crd_nce_loss"]
 
 
 def crd_nce_loss(probs: Tensor, num_data: int, eps: float = 1e-7) -> Tensor:
@@ -68,13 +51,15 @@ def crd_nce_loss(probs: Tensor, num_data: int, eps: float = 1e-7) -> Tensor:
     return -(log_d1.sum() + log_d0.sum()) / probs.shape[0]
 
 
-class ContrastMemory(nn.Module):
+class ContrastMemory(MemoryBank):
     """Memory banks of student and teacher embeddings, one row per training sample (§2.7 items 2–7).
 
     Buffers (saved in checkpoints, moved by ``.to``): ``memory_student`` (reference ``memory_v1``)
     and ``memory_teacher`` (``memory_v2``), each ``num_data × feat_dim``, initialised uniform in
     ``[-a, a]`` with ``a = 1/sqrt(feat_dim/3)``; ``z_student`` and ``z_teacher``, the normalisers,
-    ``-1`` until the first forward sets them to ``mean(scores) · num_data``.
+    ``-1`` until the first forward sets them to ``mean(scores) · num_data``. The banks and the
+    sampler are the shared ``kdistill.losses.memory`` ones; ``labels`` (optional, the training
+    set's classes) restricts negatives to other classes.
     """
 
     def __init__(
@@ -85,27 +70,15 @@ class ContrastMemory(nn.Module):
         temperature: float = 0.07,
         momentum: float = 0.5,
         sampling: str = "fast",
+        labels: Tensor | None = None,
     ):
-        super().__init__()
-        if num_data < 2:
-            raise ValueError(f"num_data must be >= 2 (the training-set size), got {num_data}")
-        if num_negatives < 1:
-            raise ValueError(f"num_negatives must be >= 1, got {num_negatives}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if sampling not in SAMPLING_MODES:
-            raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
-        self.feat_dim = int(feat_dim)
-        self.num_data = int(num_data)
+        super().__init__(("memory_student", "memory_teacher"), num_data, feat_dim, momentum)
+        self.sampler = ContrastSampler(num_data, num_negatives, sampling, "exact", labels)
         self.num_negatives = int(num_negatives)
         self.temperature = float(temperature)
-        self.momentum = float(momentum)
         self.sampling = sampling
-        bound = 1.0 / math.sqrt(feat_dim / 3)
-        for name in ("memory_student", "memory_teacher"):
-            self.register_buffer(name, torch.rand(num_data, feat_dim).mul_(2 * bound).sub_(bound))
         self.register_buffer("z_student", torch.tensor(-1.0))
         self.register_buffer("z_teacher", torch.tensor(-1.0))
         self._z_agreed = False  # under DDP: the first training forward averages Z's candidates
@@ -116,24 +89,9 @@ class ContrastMemory(nn.Module):
         ``fast``: uniform with replacement; ``exact``: without replacement within each row (with
         replacement only if K exceeds the ``num_data - 1`` candidates, as the reference).
         """
-        index = index.to(self.memory_student.device, torch.long)
-        b, k, n = index.shape[0], self.num_negatives, self.num_data
-        if self.sampling == "fast" or k > n - 1:
-            # uniform over the n-1 other rows: draw from [0, n-1) and skip over the positive
-            draws = torch.randint(0, n - 1, (b, k), device=index.device)
-            negatives = draws + (draws >= index[:, None]).long()
-        else:
-            weights = torch.ones(b, n, device=index.device)
-            weights[torch.arange(b, device=index.device), index] = 0
-            negatives = torch.multinomial(weights, k, replacement=False)
-        return torch.cat([index[:, None], negatives], dim=1)
+        return self.sampler(index.to(self.memory_student.device, torch.long))
 
-    @staticmethod
-    def _dot(bank: Tensor, idx: Tensor, anchor: Tensor) -> Tensor:
-        """``<bank[idx[b, k]], anchor[b]>`` without materialising B×(K+1)×D when N×B is smaller."""
-        if bank.shape[0] <= idx.shape[1] * bank.shape[1]:
-            return (anchor @ bank.t()).gather(1, idx)
-        return torch.bmm(bank[idx], anchor.unsqueeze(2)).squeeze(2)
+    _dot = MemoryBank.dot
 
     def forward(
         self, emb_student: Tensor, emb_teacher: Tensor, index: Tensor, contrast_index: Tensor | None = None
@@ -152,13 +110,13 @@ class ContrastMemory(nn.Module):
         with torch.autocast(device_type=bank_s.device.type, enabled=False):
             emb_s, emb_t = emb_student.to(dtype), emb_teacher.to(dtype)
             bank_s, bank_t = bank_s.to(dtype), bank_t.to(dtype)
-            scores_s = torch.exp(self._dot(bank_t, idx, emb_s) / self.temperature)
-            scores_t = torch.exp(self._dot(bank_s, idx, emb_t) / self.temperature)
+            scores_s = torch.exp(self.dot(bank_t, idx, emb_s) / self.temperature)
+            scores_t = torch.exp(self.dot(bank_s, idx, emb_t) / self.temperature)
             with torch.no_grad():  # set once (still negative = unset), without a host sync
                 means = torch.stack([scores_s.mean(), scores_t.mean()]).detach()
-                if self.training and not self._z_agreed and _world_size() > 1:
+                if self.training and not self._z_agreed and world_size() > 1:
                     dist.all_reduce(means)  # every process reaches its first step together
-                    means /= _world_size()
+                    means /= world_size()
                     self._z_agreed = True
                 for z, mean in ((self.z_student, means[0]), (self.z_teacher, means[1])):
                     z.copy_(torch.where(z < 0, mean * self.num_data, z))
@@ -169,35 +127,9 @@ class ContrastMemory(nn.Module):
                 self.update(index, emb_s, emb_t)
         return probs_s, probs_t
 
-    @torch.no_grad()
-    def update(self, index: Tensor, emb_student: Tensor, emb_teacher: Tensor) -> None:
-        """``M[i] <- normalise(m·M[i] + (1-m)·g(f_i))`` for both banks (spec §2.7 item 7).
-
-        Out of place: this step's scores were computed from the old banks, which their backward
-        pass still needs (the reference gathers copies of the B×(K+1) rows instead, which costs far
-        more memory than one copy of the bank). Under DDP the rows of all processes are gathered
-        first; a row sent by two processes (a padded shard) is written once, from the lowest rank.
-        """
-        if _world_size() > 1:
-            index, emb_student, emb_teacher = self._gather(index, emb_student, emb_teacher)
-        for name, emb in (("memory_student", emb_student), ("memory_teacher", emb_teacher)):
-            bank = getattr(self, name)
-            rows = bank[index] * self.momentum + emb.detach().to(bank.dtype) * (1 - self.momentum)
-            setattr(self, name, bank.index_copy(0, index, F.normalize(rows, dim=1)))
-
-    @staticmethod
-    def _gather(index: Tensor, emb_student: Tensor, emb_teacher: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """All processes' (index, embeddings), duplicates of an index dropped (first one kept)."""
-        d = emb_student.shape[1]
-        packed = torch.cat([emb_student.detach(), emb_teacher.detach().to(emb_student.dtype)], 1)
-        index = _all_gather_rows(index)
-        packed = _all_gather_rows(packed)
-        order = torch.sort(index, stable=True).indices
-        ordered = index[order]
-        first = torch.ones_like(ordered, dtype=torch.bool)
-        first[1:] = ordered[1:] != ordered[:-1]
-        keep = order[first]
-        return index[keep], packed[keep, :d], packed[keep, d:]
+    def update(self, index: Tensor, emb_student: Tensor, emb_teacher: Tensor) -> None:  # type: ignore[override]
+        """``M[i] <- normalise(m·M[i] + (1-m)·g(f_i))`` for both banks (spec §2.7 item 7)."""
+        super().update(index, {"memory_student": emb_student, "memory_teacher": emb_teacher})
 
     def extra_repr(self) -> str:
         return (
@@ -234,11 +166,12 @@ class CRDLoss(nn.Module):
         temperature: float = 0.07,
         momentum: float = 0.5,
         sampling: str = "fast",
+        labels: Tensor | None = None,
     ):
         super().__init__()
         self.embed_student = Embed(student_dim, feat_dim)
         self.embed_teacher = Embed(teacher_dim, feat_dim)
-        self.memory = ContrastMemory(feat_dim, num_data, num_negatives, temperature, momentum, sampling)
+        self.memory = ContrastMemory(feat_dim, num_data, num_negatives, temperature, momentum, sampling, labels)
 
     def forward(
         self, feat_student: Tensor, feat_teacher: Tensor, index: Tensor, contrast_index: Tensor | None = None
