@@ -205,6 +205,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     quiet_lightning(args.verbose)
     try:
+        if args.command in ("train", "distill", "eval", "export"):
+            from kdistill.detection import cli as detection_cli
+
+            if detection_cli.handles(args):  # task=detection recipes and detection runs
+                return detection_cli.run(args)
         if args.command in ("train", "distill"):
             return cmd_fit(args, args.command)
         commands = {"eval": cmd_eval, "export": cmd_export, "recipes": cmd_recipes, "demo": cmd_demo,

@@ -58,7 +58,7 @@ def detector_kind(name: str) -> str:
                 return kind
         raise unknown_name_error("torchvision detection builder", builder, _torchvision_builders())
     m = _NAME.match(name)
-    if not m or m["kind"] not in KINDS:
+    if not m or m["kind"] not in KINDS or m["backbone"] not in BACKBONES:
         raise unknown_name_error("detector", name, [*list_detectors(), "torchvision.<builder>"])
     return m["kind"]
 
