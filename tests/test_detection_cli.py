@@ -101,3 +101,14 @@ def test_every_coco_recipe_resolves_with_its_pair_and_published_numbers():
             assert (cfg.teacher.model, cfg.student.model) == (pair.teacher, pair.student)
             assert cfg.method.options["loss_weight"] == pair.loss_weight and cfg.teacher.checkpoint
     assert build_detection_config("coco/reviewkd/frcnn_r101_r18").published["box_ap"] == 36.75
+
+
+def test_readme_detection_example_runs():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Detection and instance segmentation"):]
+    code = section[section.index("```python") + len("```python"): section.index("```", section.index("```python") + 9)]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    losses, teacher = namespace["losses"], namespace["teacher"]
+    assert {"loss_mask", "loss_reviewkd"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
+    assert all(p.grad is None for p in teacher.parameters()) and not teacher.training

@@ -10,7 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from kdistill.config import _build, load_raw, parse_override
+from kdistill.config import load_raw, parse_override
+from kdistill.typed import build_dataclass
 from kdistill.utils import ConfigError, unknown_name_error
 
 DATA_NAMES = ("synthetic", "coco")
@@ -153,7 +154,7 @@ def build_detection_config(recipe: str | None = None, overrides: list[str] | Non
     for text in overrides or []:
         key, value = parse_override(text)
         _set(tree, key, value)
-    cfg = _build(DetectionConfig, tree)
+    cfg = build_dataclass(DetectionConfig, tree)
     validate_detection(cfg)
     return cfg
 

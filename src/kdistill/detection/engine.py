@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 
-from kdistill.checkpoint import atomic_write, read_card, save_student
+from kdistill.checkpoint import read_card, save_student
 from kdistill.detection.config import DetectionConfig
 from kdistill.detection.data import CocoDetectionData, SyntheticShapesCOCO, check_targets, collate
 from kdistill.detection.distiller import ReviewKDDetection
@@ -31,6 +31,7 @@ from kdistill.detection.evaluate import coco_evaluate, predictions_to_coco
 from kdistill.detection.models import build_detector, detector_kind, load_detector_weights
 from kdistill.engine.callbacks import AtomicCheckpointIO
 from kdistill.engine.module import NonFiniteLossError
+from kdistill.files import atomic_write
 from kdistill.utils import ConfigError
 
 log = logging.getLogger(__name__)
@@ -355,11 +356,11 @@ def load_detector_from_run(path: str | Path) -> tuple[nn.Module, dict[str, Any]]
 
 def evaluate_detection(path: str | Path, cfg: DetectionConfig | None = None) -> dict[str, float]:
     """COCO AP of a run's student on the validation split of its recipe's data (or ``cfg``'s)."""
-    from kdistill.config import _build
     from kdistill.detection.evaluate import evaluate_detector
+    from kdistill.typed import build_dataclass
 
     model, card = load_detector_from_run(path)
-    cfg = cfg or _build(DetectionConfig, card["recipe"])
+    cfg = cfg or build_dataclass(DetectionConfig, card["recipe"])
     data = load_detection_data(cfg)
     if data.num_classes != card["num_classes"]:
         raise ConfigError(f"the detector has {card['num_classes']} classes (background included) but the data needs "
