@@ -77,24 +77,37 @@ def run_cli(argv: list[str], out: Path, log: Path) -> dict[str, Any]:
     return json.loads(metrics.read_text())
 
 
+def wait_for(path: Path, minutes: float) -> None:
+    """Wait until another process of this benchmark has written ``path`` (rows run in parallel)."""
+    deadline = time.time() + 60 * minutes
+    while not path.is_file():
+        if time.time() > deadline:
+            raise SystemExit(f"{path} did not appear within {minutes} minutes")
+        time.sleep(30)
+
+
 def part_accuracy(args: argparse.Namespace, cache: Path, record: dict[str, Any]) -> None:
     base = data_overrides(args)
     steps = args.train_size // 4
     rows = record.setdefault("accuracy", {})
     teacher_dir = cache / "teacher"
-    t = run_cli(["train", *base, *detector("student", TEACHER), f"trainer.max_epochs={args.teacher_epochs}",
-                 f"optim.milestones=[{args.teacher_epochs - 1}]"], teacher_dir, cache / "teacher.log")
-    rows["teacher"] = {"model": TEACHER, "steps": steps * args.teacher_epochs, **t}
     common = [*base, *detector("student", STUDENT), f"trainer.max_epochs={args.student_epochs}",
               f"optim.milestones=[{args.student_epochs - 1}]"]
-    s = run_cli(["train", *common], cache / "student", cache / "student.log")
-    rows["student"] = {"model": STUDENT, "steps": steps * args.student_epochs, **s}
-    r = run_cli(["distill", *common, "method.name=reviewkd", f"method.options.loss_weight={LOSS_WEIGHT}",
-                 *detector("teacher", TEACHER), f"teacher.checkpoint={teacher_dir / 'student.safetensors'}"],
-                cache / "reviewkd", cache / "reviewkd.log")
-    rows["reviewkd"] = {"model": STUDENT, "steps": steps * args.student_epochs, **r}
-    for name in ("student", "reviewkd"):
-        rows[name]["review_loss"] = loss_curve(cache / name)
+    if "teacher" in args.rows:
+        t = run_cli(["train", *base, *detector("student", TEACHER), f"trainer.max_epochs={args.teacher_epochs}",
+                     f"optim.milestones=[{args.teacher_epochs - 1}]"], teacher_dir, cache / "teacher.log")
+        rows["teacher"] = {"model": TEACHER, "steps": steps * args.teacher_epochs, **t}
+    if "student" in args.rows:
+        s = run_cli(["train", *common], cache / "student", cache / "student.log")
+        rows["student"] = {"model": STUDENT, "steps": steps * args.student_epochs, **s,
+                           "losses": loss_curve(cache / "student")}
+    if "reviewkd" in args.rows:
+        wait_for(teacher_dir / "metrics.json", args.wait_minutes)
+        r = run_cli(["distill", *common, "method.name=reviewkd", f"method.options.loss_weight={LOSS_WEIGHT}",
+                     *detector("teacher", TEACHER), f"teacher.checkpoint={teacher_dir / 'student.safetensors'}"],
+                    cache / "reviewkd", cache / "reviewkd.log")
+        rows["reviewkd"] = {"model": STUDENT, "steps": steps * args.student_epochs, **r,
+                            "losses": loss_curve(cache / "reviewkd")}
 
 
 def loss_curve(run: Path) -> dict[str, list[float]]:
@@ -191,13 +204,13 @@ def part_coco128(args: argparse.Namespace, cache: Path, record: dict[str, Any]) 
 
 
 def render(record: dict[str, Any], args: argparse.Namespace) -> str:
-    argv, shown = record["argv"], []
-    for i, arg in enumerate(argv):  # the output path is the default one when committed
-        if arg != "--out" and (i == 0 or argv[i - 1] != "--out"):
-            shown.append(arg)
+    commands = []
+    for argv in record.get("runs") or [record["argv"]]:
+        shown = [a for i, a in enumerate(argv) if a != "--out" and (i == 0 or argv[i - 1] != "--out")]
+        commands.append(f"`{COMMAND} {' '.join(shown)}`")
     lines = ["# Detection benchmark (CPU)", "",
-             f"Command: `{COMMAND} {' '.join(shown)}` (from the repository root, `KDISTILL_CACHE` "
-             "names the cache folder).", "",
+             "Commands (from the repository root; `KDISTILL_CACHE` names the cache folder; parts and rows ran in "
+             "separate processes, some in parallel): " + ", ".join(commands) + ".", "",
              f"Machine: {record['machine']}; torch {record['torch']}. Load when the run started: "
              f"`{record['load_start']}`; when the table was written: `{uptime()}`.", ""]
     acc = record.get("accuracy")
@@ -217,7 +230,7 @@ def render(record: dict[str, Any], args: argparse.Namespace) -> str:
                              f"{100 * r.get('segm_AP50', float('nan')):.2f} | {r['train_seconds']:.0f} |")
         for name in ("student", "reviewkd"):
             if name in acc:
-                lines += ["", f"Per-epoch training losses, {name}: `{json.dumps(acc[name]['review_loss'])}`"]
+                lines += ["", f"Per-epoch training losses, {name}: `{json.dumps(acc[name]['losses'])}`"]
         lines.append("")
     sp = record.get("speed")
     if sp:
@@ -262,6 +275,10 @@ def main() -> None:
     parser.add_argument("--teacher-epochs", type=int, default=4)
     parser.add_argument("--student-epochs", type=int, default=2)
     parser.add_argument("--speed-rounds", type=int, default=8)
+    parser.add_argument("--rows", nargs="+", default=["teacher", "student", "reviewkd"],
+                        choices=["teacher", "student", "reviewkd"], help="accuracy rows run by this process")
+    parser.add_argument("--wait-minutes", type=float, default=90, help="how long the reviewkd row waits for a "
+                        "teacher trained by another process of this benchmark")
     parser.add_argument("--out", default=str(RESULTS / "detection"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -274,19 +291,30 @@ def main() -> None:
     out = Path(args.out)
     json_path = out.with_suffix(".json")
     record = json.loads(json_path.read_text()) if json_path.is_file() else {}
-    runs = record.setdefault("runs", [])
-    runs.append(sys.argv[1:])
     record.update({"argv": sys.argv[1:], "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
                    "torch": torch.__version__, "load_start": record.get("load_start") or uptime()})
 
     def save() -> None:
+        # other processes of this benchmark may have saved their parts meanwhile: merge, do not overwrite
+        current = json.loads(json_path.read_text()) if json_path.is_file() else {}
+        for key, value in record.items():
+            if key == "accuracy" and isinstance(current.get(key), dict):
+                current[key].update(value)
+            elif key not in ("runs", "load_start") or key not in current:
+                current[key] = value
+        current.setdefault("runs", [])
+        if sys.argv[1:] not in current["runs"]:
+            current["runs"].append(sys.argv[1:])
+        record.clear()
+        record.update(current)
         json_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = json_path.with_suffix(".json.tmp")
+        tmp = json_path.with_name(f".{json_path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(record, indent=2))
         os.replace(tmp, json_path)
         md = out.with_suffix(".md")
-        md.with_suffix(".md.tmp").write_text(render(record, args))
-        os.replace(md.with_suffix(".md.tmp"), md)
+        tmp = md.with_name(f".{md.name}.{os.getpid()}.tmp")
+        tmp.write_text(render(record, args))
+        os.replace(tmp, md)
 
     parts = {"speed": lambda: part_speed(args, record), "accuracy": lambda: part_accuracy(args, cache, record),
              "coco128": lambda: part_coco128(args, cache, record), "render": lambda: None}

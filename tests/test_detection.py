@@ -434,3 +434,28 @@ def test_coco128_reads_real_polygons_and_evaluates(coco128):
     metrics = coco_evaluate(gt, predictions_to_coco(_gt_as_predictions(targets), [int(t["image_id"]) for t in targets]),
                             ("bbox",))
     assert metrics["bbox_AP"] == pytest.approx(1.0)
+
+
+def test_bf16_autocast_step_keeps_the_review_loss_in_float32():
+    d = ReviewKDDetection(det("fasterrcnn_resnet18_fpn", min_size=96, max_size=96),
+                          det("fasterrcnn_resnet18_fpn", min_size=96, max_size=96), probe_size=(96, 96)).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = d(*batch(size=(96, 96)))
+    assert losses["loss_reviewkd"].dtype == torch.float32
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in d.abfs.parameters() if p.grad is not None)
+
+
+def test_training_shards_are_disjoint_per_rank_and_change_per_epoch():
+    from kdistill.detection.engine import ShardSampler
+
+    shards = [ShardSampler(10, True, seed=3, rank=r, world=3) for r in range(3)]
+    first = [list(s) for s in shards]
+    assert [len(s) for s in first] == [4, 4, 4]
+    flat = [i for s in first for i in s]
+    assert set(flat) == set(range(10)) and len(flat) == 12  # every index once, two repeated as padding
+    for s in shards:
+        s.set_epoch(1)
+    assert [list(s) for s in shards] != first
+    assert list(ShardSampler(5, False, seed=0, rank=1, world=2)) == [1, 3]
