@@ -228,6 +228,14 @@ def render(record: dict[str, Any], args: argparse.Namespace) -> str:
                 lines.append(f"| {name} | {r['model']} | {r['steps']} | {100 * r['bbox_AP']:.2f} | "
                              f"{100 * r['bbox_AP50']:.2f} | {100 * r.get('segm_AP', float('nan')):.2f} | "
                              f"{100 * r.get('segm_AP50', float('nan')):.2f} | {r['train_seconds']:.0f} |")
+        if "student" in acc and "reviewkd" in acc:
+            s, r = acc["student"], acc["reviewkd"]
+            lines += ["", f"ReviewKD minus the plain student: {100 * (r['bbox_AP'] - s['bbox_AP']):+.2f} box AP, "
+                      f"{100 * (r.get('segm_AP', 0) - s.get('segm_AP', 0)):+.2f} mask AP (one seed; the final "
+                      "epoch's checkpoint of each run)."]
+        elif "student" in acc:
+            lines += ["", "The ReviewKD row had not finished when this table was written; `--rows reviewkd` resumes "
+                      "it from its last checkpoint."]
         for name in ("student", "reviewkd"):
             if name in acc:
                 lines += ["", f"Per-epoch training losses, {name}: `{json.dumps(acc[name]['losses'])}`"]

@@ -58,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         from kdistill.detection.engine import fit_detection
 
         result = fit_detection(cfg, resume=args.resume)
+        if result.export is None:  # not the global-zero process of a DDP run: it prints nothing
+            return 0
         shown = "   ".join(f"{k} {100 * v:.2f}" for k, v in result.metrics.items() if k.endswith(("_AP", "_AP50")))
         print(f"{shown}   time: {result.seconds:.0f}s")
         print(f"student exported to {result.export}")
