@@ -106,6 +106,8 @@ def run_kdistill(argv: list[str], out: Path, threads: int, label: str) -> tuple[
         print(f"{label}: reusing the finished run in {out}", flush=True)
         metrics = json.loads((out / "metrics.json").read_text())
         return metrics, metrics.get("train_seconds", 0.0), None
+    if out.exists():  # an unfinished or different run: moved aside (out.replaced-<time>), not mixed into
+        argv = [*argv, "--overwrite"]
     print(f"[{time.strftime('%H:%M:%S')}] {label}: {shown}", flush=True)
     git = ["git", "-C", str(ROOT)]
     commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

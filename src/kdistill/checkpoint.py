@@ -129,13 +129,22 @@ def read_card(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"student export {str(path)!r} does not exist")
+    from kdistill.card import check_card, read_card_file
+
     card_path = path.with_suffix(".json")
     if card_path.is_file():
-        return json.loads(card_path.read_text())
+        return read_card_file(card_path, path)
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as fh:
-        meta = fh.metadata() or {}
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({exc})") from exc
     if "kdistill_card" not in meta:
         raise CheckpointError(f"{str(path)!r} has no kdistill card")
-    return json.loads(meta["kdistill_card"])
+    try:
+        card = json.loads(meta["kdistill_card"])
+    except ValueError as exc:
+        raise CheckpointError(f"the card in the header of {str(path)!r} is not valid JSON ({exc})") from exc
+    return check_card(card, path)

@@ -21,7 +21,7 @@ from kdistill.utils import ConfigError
 EXIT_CONFIG = 2  # bad configuration or input files; nothing was trained or written
 EXIT_NONFINITE = 3  # a loss became NaN/Inf; the last good checkpoint is kept
 EXIT_WRITE = 4  # a file could not be written (full disk, permissions); the previous file is kept
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C); SIGTERM exits 143 (128 + the signal number)
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -29,6 +29,8 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.05 data.batch_size=64")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--resume", action="store_true", help="continue from <output>/checkpoints/last.ckpt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a folder that holds one: the old folder is moved aside, never deleted")
 
 
 def _split_recipe(args: argparse.Namespace) -> tuple[str | None, list[str]]:
@@ -77,7 +79,7 @@ def cmd_fit(args: argparse.Namespace, command: str) -> int:
 
     L.seed_everything(cfg.seed, verbose=False)  # model initialisation is part of the run: same on every rank
     built = build_run(cfg)  # every name, file and shape is checked before training starts
-    _print_result(fit(cfg, resume=args.resume, built=built))
+    _print_result(fit(cfg, resume=args.resume, built=built, overwrite=getattr(args, "overwrite", False)))
     return 0
 
 
@@ -225,15 +227,24 @@ def quiet_lightning(verbose: bool) -> None:
     if not verbose:
         for pattern in (".*LeafSpec.*", ".*overridden `on_after_batch_transfer`.*", ".*smaller than the logging interval.*",
                         ".*litlogger.*", ".*module\\(s\\) in eval mode.*",
+                        ".*Checkpoint directory .* exists and is not empty.*",
                         ".*`IterableDataset` has `__len__` defined.*"):  # LitData gives each worker its own share
             warnings.filterwarnings("ignore", message=pattern)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow the options (``--resume trainer.max_epochs=4``)
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     quiet_lightning(args.verbose)
+    from kdistill.engine.run import RunAlreadyFinished
+    from kdistill.engine.signals import RunInterrupted, resume_hint
+
     try:
         if args.command in ("train", "distill", "eval", "export"):
             from kdistill.detection import cli as detection_cli
@@ -248,6 +259,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as exc:
         print(f"kdistill {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except RunAlreadyFinished as exc:
+        print(f"kdistill {args.command}: {exc}")
+        return 0
+    except RunInterrupted as exc:
+        hint = f"; continue with: {resume_hint(argv)}" if exc.checkpoint else "; start it again"
+        print(f"kdistill {args.command}: {exc}{hint}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"kdistill {args.command}: interrupted; continue with --resume from the last checkpoint",
               file=sys.stderr)

@@ -59,7 +59,8 @@ def run_demo(data_root: str | None = None, output: str = "runs/demo", quick: boo
         built = build_run(cfg, data)
         console.print(f"[bold]{name}[/bold]: {cfg.student.model}, method {cfg.method.name}, "
                       f"{cfg.trainer.max_epochs} epochs ...")
-        return fit(cfg, built=built), built.distiller.student
+        # a demo run replaces the previous demo's run of the same name (moved aside, not deleted)
+        return fit(cfg, built=built, overwrite=True), built.distiller.student
 
     teacher_res, teacher = run("teacher", {"model": DEMO["teacher"]["model"], "trainer.max_epochs": epochs_t})
     student_res, student = run("student", {"model": DEMO["student"]["model"], "trainer.max_epochs": epochs_s})

@@ -52,7 +52,10 @@ def load_data(cfg: Config) -> DataBundle:
 
 def build_model(mc: ModelConfig, num_classes: int, role: str) -> nn.Module:
     """A model by name with optional weights (checked strictly against its keys and shapes)."""
-    model = create_model(mc.model, num_classes=num_classes, **mc.kwargs)
+    try:
+        model = create_model(mc.model, num_classes=num_classes, **mc.kwargs)
+    except TypeError as exc:  # an option the constructor does not take
+        raise ConfigError(f"{role} model {mc.model!r} does not accept kwargs {sorted(mc.kwargs)}: {exc}") from exc
     if mc.checkpoint:
         load_weights(model, mc.checkpoint)
         log.info("%s %s: loaded %s", role, mc.model, mc.checkpoint)

@@ -63,6 +63,12 @@ class History(L.Callback):
             "train_loss": float(m.get("train/loss", float("nan"))),
         })
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows}  # saved in checkpoints: a resumed run appends to the history
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows = list(state.get("rows", []))
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file, fsyncs it, then renames it into place, so a

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,8 +14,10 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
+from kdistill.card import export_paths, read_card_file
 from kdistill.checkpoint import CheckpointError, load_weights, read_card, save_student
 from kdistill.config import Config, TrainerConfig
 from kdistill.data import DataBundle, ImageTensors, make_loader
@@ -22,7 +25,10 @@ from kdistill.engine.build import Built, build_run, load_data
 from kdistill.engine.callbacks import AtomicCheckpointIO, History, Throughput
 from kdistill.engine.datamodule import TensorDataModule
 from kdistill.engine.module import DistillModule
-from kdistill.files import atomic_write
+from kdistill.engine.resume import AppendingCSVLogger, RecordConfig, plan_resume
+from kdistill.engine.rundir import claim, is_main_process, take_ownership
+from kdistill.engine.signals import RunInterrupted, StopOnSignal
+from kdistill.files import atomic_write, atomic_write_json
 from kdistill.models import create_model
 from kdistill.utils import ConfigError
 
@@ -114,22 +120,47 @@ def make_trainer(cfg: Config, out: Path, callbacks: list[L.Callback], enable_che
     # accuracy stalls would resume from a stale epoch
     last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1, monitor=None,
                            every_n_epochs=1, enable_version_counter=False)
-    loggers = [CSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="tb", version="")]
-    extra = {k: v for k, v in (("limit_train_batches", t.limit_train_batches),
-                                ("limit_val_batches", t.limit_val_batches)) if v is not None}
-    return L.Trainer(
-        max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-        strategy=make_strategy(t), precision=t.precision, log_every_n_steps=t.log_every_n_steps,
-        check_val_every_n_epoch=t.check_val_every_n_epoch, gradient_clip_val=t.gradient_clip_val,
-        callbacks=[*callbacks, best, last] if enable_checkpoints else callbacks, logger=loggers,
-        plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
-        enable_progress_bar=t.progress_bar, enable_model_summary=False, num_sanity_val_steps=0, **extra,
-    )
+    loggers = [AppendingCSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="tb", version="")]
+    # a whole number above 1 is a count of batches for Lightning, a float in (0, 1] a fraction
+    extra = {k: (int(v) if v > 1 else v) for k, v in (("limit_train_batches", t.limit_train_batches),
+                                                      ("limit_val_batches", t.limit_val_batches)) if v is not None}
+    try:
+        return L.Trainer(
+            max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
+            strategy=make_strategy(t), precision=t.precision, log_every_n_steps=t.log_every_n_steps,
+            check_val_every_n_epoch=t.check_val_every_n_epoch, gradient_clip_val=t.gradient_clip_val,
+            callbacks=[*callbacks, best, last] if enable_checkpoints else callbacks, logger=loggers,
+            plugins=[AtomicCheckpointIO()], use_distributed_sampler=False,
+            enable_progress_bar=t.progress_bar, enable_model_summary=False, num_sanity_val_steps=0, **extra,
+        )
+    except (MisconfigurationException, ValueError, ImportError) as exc:  # a trainer.* value Lightning refuses
+        raise ConfigError(f"Lightning refused the trainer settings (trainer.accelerator={t.accelerator!r}, "
+                          f"trainer.devices={t.devices!r}, trainer.strategy={t.strategy!r}, trainer.precision="
+                          f"{t.precision!r}): {exc}") from exc
 
 
-def fit(cfg: Config, resume: bool = False, built: Built | None = None) -> RunResult:
-    """Train (method ``ce``) or distill as the recipe says; export the final student."""
-    out = ensure_writable(cfg.output)
+class RunAlreadyFinished(Exception):
+    """``--resume`` of a run that has trained all its epochs; nothing was changed."""
+
+
+def fit(cfg: Config, resume: bool = False, built: Built | None = None, overwrite: bool = False) -> RunResult:
+    """Train (method ``ce``) or distill as the recipe says; export the final student.
+
+    The output folder is claimed first (``engine.rundir``: a new or empty folder, the run's own on
+    ``resume``, the old one moved aside on ``overwrite``) and locked while the run uses it."""
+    if not is_main_process():  # other ranks of a distributed launch write through rank 0
+        return _fit(cfg, resume, built, ensure_writable(cfg.output), None)
+    run = claim(cfg.output, resume=resume, overwrite=overwrite)
+    try:
+        return _fit(cfg, resume, built, run.path, run)
+    except ConfigError:
+        run.discard_if_unused()
+        raise
+    finally:
+        run.release()
+
+
+def _fit(cfg: Config, resume: bool, built: Built | None, out: Path, run: Any) -> RunResult:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     built = built or build_run(cfg)
     if cfg.trainer.compile:
@@ -139,21 +170,41 @@ def fit(cfg: Config, resume: bool = False, built: Built | None = None) -> RunRes
     module = DistillModule(cfg, built.distiller, built.augment, built.data.num_classes, built.teacher_cache)
     dm = TensorDataModule(built.data, cfg)
     history, speed = History(), Throughput()
-    trainer = make_trainer(cfg, out, [history, speed])
+    stop = StopOnSignal(out / "checkpoints" / "last.ckpt")
+    trainer = make_trainer(cfg, out, [history, speed, stop, RecordConfig(cfg.to_dict())])
     world = max(1, trainer.world_size)
     module.steps_per_epoch = len(make_loader(built.data.train, cfg.data.batch_size, True, world_size=world))
     ckpt_path = None
     if resume:
-        last = out / "checkpoints" / "last.ckpt"
-        if not last.is_file():
-            raise ConfigError(f"--resume: no checkpoint at {str(last)!r}")
-        ckpt_path = str(last)
-        AtomicCheckpointIO().load_checkpoint(last)  # refuse a damaged checkpoint before touching the folder
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    (out / "run.json").write_text(json.dumps(card_for(cfg, built.data, {}), indent=2, default=str))
+        # the checkpoint and every changed setting are checked before the folder is written to
+        plan = plan_resume(out, cfg.to_dict(), module.steps_per_epoch)
+        if plan.finished(cfg.trainer.max_epochs):
+            raise RunAlreadyFinished(
+                f"the run in {str(out)!r} has already trained {plan.epochs_done} epochs (trainer.max_epochs="
+                f"{cfg.trainer.max_epochs}); nothing was changed. To train longer, resume with a larger "
+                "trainer.max_epochs")
+        ckpt_path = str(plan.checkpoint)
+        for key, (was, now) in plan.changes.items():
+            print(f"resume: {key} changes from {was!r} to {now!r}")
+        if run is not None and plan.changes:
+            run.record(resumes=[{"epochs_done": plan.epochs_done,
+                                 "changes": {k: list(v) for k, v in plan.changes.items()}}])
+    if run is not None:
+        take_ownership(run, " ".join(["kdistill", *sys.argv[1:]]))
+        atomic_write_json(out / "config.json", cfg.to_dict())
+        atomic_write_json(out / "run.json", card_for(cfg, built.data, {}))
     start = time.perf_counter()
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    stop.install()  # a signal while Lightning sets up also stops cleanly
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    except SIGTERMException as exc:  # Lightning's own handler got there first: no checkpoint of this step
+        raise RunInterrupted(signal.SIGTERM, None, trainer.current_epoch, trainer.global_step) from exc
+    finally:
+        stop.restore()
     seconds = time.perf_counter() - start
+    if stop.signum is not None:  # a signal during the last epoch's validation, after training ended
+        raise RunInterrupted(stop.signum, out / "checkpoints" / "last.ckpt", trainer.current_epoch,
+                             trainer.global_step)
     if trainer.interrupted:
         raise KeyboardInterrupt
     ckpt_cb = trainer.checkpoint_callback
@@ -168,7 +219,7 @@ def fit(cfg: Config, resume: bool = False, built: Built | None = None) -> RunRes
                    "train_seconds": seconds, "peak_memory_mb": peak_memory_mb()}
         result.export = save_student(built.distiller.student, out / "student.safetensors",
                                      card_for(cfg, built.data, metrics))
-        (out / "metrics.json").write_text(json.dumps({**metrics, "history": history.rows}, indent=2))
+        atomic_write_json(out / "metrics.json", {**metrics, "history": history.rows})
     return result
 
 
@@ -215,7 +266,7 @@ def load_from_run(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         card_path = run / "run.json"
         if not card_path.is_file():
             raise CheckpointError(f"cannot find the run's card {str(card_path)!r} next to {str(path)!r}")
-        card = json.loads(card_path.read_text())
+        card = read_card_file(card_path, path)
         model = create_model(card["model"], num_classes=card["num_classes"], **card.get("model_kwargs", {}))
         load_weights(model, path, prefix="distiller.student.")
         return model, card
@@ -235,11 +286,10 @@ def evaluate(path: str | Path, cfg: Config | None = None) -> dict[str, float]:
 
 def export(path: str | Path, out: str | Path, onnx: bool = False) -> list[Path]:
     """Write the student as safetensors (+ card) and optionally ONNX; returns the written files."""
+    out, card_path, onnx_path = export_paths(out, onnx)  # three distinct files, checked before reading
     model, card = load_from_run(path)
-    out = Path(out)
-    written = [save_student(model, out, card), out.with_suffix(".json")]
-    if onnx:
-        onnx_path = out.with_suffix(".onnx")
+    written = [save_student(model, out, card), card_path]
+    if onnx_path is not None:
         dummy = torch.zeros(1, *card["input_size"])
         model.eval()
         atomic_write(onnx_path, lambda tmp: torch.onnx.export(

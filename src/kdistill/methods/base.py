@@ -118,7 +118,12 @@ class MethodOptions:
             at = f" ({where}.{key})" if where else ""
             return unknown_name_error(f"option of method {method!r}{at}", key, allowed)
 
-        return build_dataclass(cls, dict(values or {}), where, unknown=unknown)
+        try:
+            return build_dataclass(cls, dict(values or {}), where, unknown=unknown)
+        except ConfigError as exc:  # a range check of check(): say where the option lives
+            if not where or where in str(exc):
+                raise
+            raise ConfigError(f"{where} of method {method!r}: {exc}") from exc
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:

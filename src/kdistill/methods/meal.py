@@ -155,6 +155,11 @@ class MEALOptions(MethodOptions):
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         for name in ("hard_label_weight", "adv_weight", "grl_lambda", "d_lr", "d_momentum", "d_weight_decay"):
             check_weight(name, getattr(self, name))
+        for name in ("disc_depth", "disc_outputs", "disc_reduction"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
 
 
 @register_method
