@@ -211,6 +211,7 @@ def render(record: dict[str, Any], args: argparse.Namespace) -> str:
     lines = ["# Detection benchmark (CPU)", "",
              "Commands (from the repository root; `KDISTILL_CACHE` names the cache folder; parts and rows ran in "
              "separate processes, some in parallel): " + ", ".join(commands) + ".", "",
+             *([record["notes"], ""] if record.get("notes") else []),
              f"Machine: {record['machine']}; torch {record['torch']}. Load when the run started: "
              f"`{record['load_start']}`; when the table was written: `{uptime()}`.", ""]
     acc = record.get("accuracy")
