@@ -312,7 +312,7 @@ def main() -> None:
             elif key not in ("runs", "load_start") or key not in current:
                 current[key] = value
         current.setdefault("runs", [])
-        if sys.argv[1:] not in current["runs"]:
+        if args.parts != ["render"] and sys.argv[1:] not in current["runs"]:
             current["runs"].append(sys.argv[1:])
         record.clear()
         record.update(current)
