@@ -51,7 +51,7 @@ METHODS = {
     "reviewkd": {"loss_weight": 1.0, "warmup_epochs": 0},
     "meal_v2": {},
     "kd+cache": {},
-    # the baselines (issue 5) and MEAL v1: informative rows, no target of issue 6 applies to them
+    # the classic baselines and MEAL v1: informative rows, no speed target applies to them
     "crd": {"num_samples": 50_000},  # CIFAR-100's train split: the memory banks' real size
     "fitnet": {},
     "at": {},
@@ -278,7 +278,8 @@ def measure_epoch(pair: str, args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(args.tmp) / f"epoch-{pair}"
     common = ["data.name=synthetic", f"data.num_classes={NUM_CLASSES}", f"data.train_size={args.batch * args.epoch_batches}",
               f"data.val_size={args.batch}", f"data.batch_size={args.batch}", f"data.eval_batch_size={args.batch}",
-              f"model={student}", f"teacher.model={teacher}", "method.name=kd", "trainer.max_epochs=1",
+              f"model={student}", f"teacher.model={teacher}", "teacher.allow_untrained=true", "teacher.evaluate=false",
+              "method.name=kd", "trainer.max_epochs=1",
               "trainer.progress_bar=false", "trainer.accelerator=cpu"]
     torch.manual_seed(0)
     built = build_run(build_config(None, [*common, f"output={tmp / 'build'}"]))

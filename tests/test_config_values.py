@@ -94,7 +94,8 @@ def test_every_schema_key_has_a_rule() -> None:
     # only free-form keys and plain switches go without a range or name rule
     assert {k for k, r in RULES.items() if r is free} == {
         "description", "published", "data.download", "data.augment", "student.kwargs", "teachers.*.kwargs",
-        "teacher.channels_last", "method.options", "optim.nesterov", "trainer.compile", "trainer.progress_bar"}
+        "teacher.channels_last", "teacher.allow_untrained", "teacher.evaluate", "method.options", "optim.nesterov",
+        "trainer.compile", "trainer.progress_bar"}
 
 
 def test_base_config_is_valid() -> None:

@@ -1,4 +1,4 @@
-"""Loading and saving weights safely (baselines spec §7.10, the normative loader).
+"""Loading and saving weights safely (README.md, "Security").
 
 Only ``torch.load(..., weights_only=True)`` or safetensors: a pickle with executable content is
 refused, never run. Writes go to a temporary file first and are renamed into place, so a kill or
@@ -90,6 +90,11 @@ def load_weights(model: nn.Module, path: str | Path, prefix: str = "") -> nn.Mod
     state = read_state_dict(path)
     if prefix:
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return _load_checked(model, state, path)
+
+
+def _load_checked(model: nn.Module, state: dict[str, Tensor], path: str | Path) -> nn.Module:
+    """``load_state_dict(strict=True)`` with an error that lists every missing, unexpected and mismatched key."""
     own = model.state_dict()
     for key in own:
         if key.endswith("num_batches_tracked") and key not in state:
@@ -111,6 +116,38 @@ def load_weights(model: nn.Module, path: str | Path, prefix: str = "") -> nn.Mod
         raise CheckpointError("\n".join(lines))
     model.load_state_dict(state, strict=True)
     return model
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
+    """Load pretrained weights (a torchvision or timm state dict saved locally, any class count).
+
+    Every feature weight must match by name and shape. The classifier is the one exception: when the
+    file was trained on another class count, the last linear (or convolution) layer's weight and bias,
+    whose shapes then differ, keep their fresh initialisation. Returns the names of the entries that were not loaded (empty when all were)."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    head = _classifier_keys(model)
+    replaced = sorted(k for k in head if k in state and k in own and state[k].shape != own[k].shape)
+    for key in replaced:
+        state[key] = own[key]
+    name = getattr(model, "kdistill_name", type(model).__name__)
+    try:
+        _load_checked(model, state, path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}\n  (pretrained weights for {name!r} must be that model's own state dict, "
+                              "as torchvision or timm save it; only the classifier may differ in size)") from None
+    return replaced
+
+
+def _classifier_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the last linear or 1x1-convolution layer (the classifier a new class count replaces)."""
+    last = None
+    for mod_name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and mod_name:
+            last = mod_name
+    if last is None:
+        return set()
+    return {f"{last}.weight", f"{last}.bias"}
 
 
 def save_student(model: nn.Module, path: str | Path, card: Mapping[str, Any]) -> Path:

@@ -31,6 +31,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from <output>/checkpoints/last.ckpt")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in a folder that holds one: the old folder is moved aside, never deleted")
+    p.epilog = "Every configuration key with its type, default and meaning: kdistill config"
 
 
 def _split_recipe(args: argparse.Namespace) -> tuple[str | None, list[str]]:
@@ -96,13 +97,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from kdistill.engine.run import export
 
-    for path in export(args.checkpoint, args.out, onnx=args.onnx):
+    for path in export(args.checkpoint, args.out, onnx=args.onnx, onnx_preprocess=args.onnx_preprocess):
         print(f"wrote {path}")
     return 0
 
 
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
-    """Precompute the teachers' logits for K augmented views of every training image (issue 6)."""
+    """Precompute the teachers' logits for K augmented views of every training image (docs/speed.md)."""
     cfg = _resolve(args, "distill")
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -171,6 +172,33 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    """Every configuration key with its type, default and meaning (docs/config.md is the --markdown form)."""
+    from kdistill.config.reference import render_markdown, render_text
+
+    print(render_markdown() if args.markdown else render_text(), end="\n" if not args.markdown else "")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """A table of finished runs and a PNG of their accuracy and loss curves."""
+    from kdistill.compare import format_table, plot_runs, run_summary
+
+    rows = [run_summary(run) for run in args.runs]
+    print(format_table(rows))
+    print(f"curves: {plot_runs(rows, args.plot)}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """The top classes of each image, preprocessed as the export's card says."""
+    from kdistill.predict import predict
+
+    for path, top in zip(args.images, predict(args.export, args.images, args.top), strict=True):
+        print(f"{path}  " + "  ".join(f"{name} {p:.3f}" for name, p in top))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from kdistill.demo import run_demo
 
@@ -193,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export the student to safetensors (+ card) and optionally ONNX")
     p.add_argument("checkpoint", help="run folder, student .safetensors or .ckpt")
     p.add_argument("--out", required=True, help="output path, e.g. student.safetensors")
-    p.add_argument("--onnx", action="store_true", help="also write <out>.onnx")
+    p.add_argument("--onnx", action="store_true", help="also write <out>.onnx (normalised float input at the card's size)")
+    p.add_argument("--onnx-preprocess", action="store_true",
+                   help="also write <out>.onnx taking uint8 RGB images of any size (resize and normalisation inside)")
     p = sub.add_parser("cache-teacher", help="precompute teacher logits for K augmented views of every training image")
     _add_recipe_args(p)
     p.add_argument("--views", type=int, default=8, help="augmented views per image (default 8)")
@@ -208,6 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="processes reading files while packing (default 1)")
     p = sub.add_parser("recipes", help="list the YAML recipes with their descriptions")
     p.add_argument("filter", nargs="?", help="only names containing this text")
+    p = sub.add_parser("compare", help="a table and accuracy/loss curves of finished run folders")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--plot", default="compare.png", help="PNG of the curves (default compare.png)")
+    p = sub.add_parser("predict", help="classify image files with a student export")
+    p.add_argument("export", help="student .safetensors (with its card), a run folder or a .ckpt")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--top", type=int, default=1, help="classes shown per image (default 1)")
+    p = sub.add_parser("config", help="every configuration key with its type, default and meaning")
+    p.add_argument("--markdown", action="store_true", help="as docs/config.md")
     p = sub.add_parser("demo", help="teacher, plain student and KD student on synthetic (or your) data")
     p.add_argument("--data", help="an image folder with train/ and val/ (default: built-in synthetic data)")
     p.add_argument("--output", default="runs/demo")
@@ -254,7 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("train", "distill"):
             return cmd_fit(args, args.command)
         commands = {"eval": cmd_eval, "export": cmd_export, "recipes": cmd_recipes, "demo": cmd_demo,
-                    "cache-teacher": cmd_cache_teacher, "pack": cmd_pack}
+                    "cache-teacher": cmd_cache_teacher, "pack": cmd_pack, "config": cmd_config,
+                    "compare": cmd_compare, "predict": cmd_predict}
         return commands[args.command](args)
     except (ConfigError, CheckpointError) as exc:
         print(f"kdistill {args.command}: error: {exc}", file=sys.stderr)

@@ -57,6 +57,11 @@ def choices(*allowed: str) -> Rule:
     return check
 
 
+def in_memory(key: str, value: Any) -> None:
+    """``auto``, ``true`` or ``false`` (YAML's booleans too)."""
+    choices("auto", "true", "false")(key, str(value).lower())
+
+
 def channel_stats(positive: bool) -> Rule:
     """Per-channel normalisation: 1 or 3 finite numbers (std: each > 0, or every input becomes inf)."""
     def check(key: str, value: Any) -> None:
@@ -144,7 +149,7 @@ def strategy(key: str, value: Any) -> None:
 
 
 MODEL_RULES: dict[str, Rule] = {
-    "model": name, "checkpoint": name, "taps": taps, "mean": channel_stats(False), "std": channel_stats(True),
+    "model": name, "checkpoint": name, "pretrained": name, "taps": taps, "mean": channel_stats(False), "std": channel_stats(True),
     "kwargs": free,  # checked against the model's constructor (check_model_kwargs)
 }
 
@@ -160,6 +165,7 @@ RULES: dict[str, Rule] = {
     "data.train_size": integer(1, 100_000_000),
     "data.val_size": integer(1, 100_000_000),
     "data.train_per_class": integer(1, 100_000_000),
+    "data.val_per_class": integer(1, 100_000_000),
     "data.batch_size": integer(1, 1_000_000),
     "data.eval_batch_size": integer(1, 1_000_000),
     "data.num_workers": integer(0, 1024),
@@ -170,10 +176,16 @@ RULES: dict[str, Rule] = {
     "data.mean": channel_stats(False),
     "data.std": channel_stats(True),
     "data.seed": integer(0, 2**32 - 1),
+    "data.transform": choices("cifar", "imagenet"),
+    "data.in_memory": in_memory,
+    "data.decoder": choices("auto", "pil", "simplejpeg", "torchvision", "gpu"),
+    "data.memory_budget_gb": number(0, 1_000_000),
     **{f"student.{k}": rule for k, rule in MODEL_RULES.items()},
     **{f"teachers.*.{k}": rule for k, rule in MODEL_RULES.items()},
     "teacher.precision": choices("32", "bf16"),
     "teacher.channels_last": free,
+    "teacher.allow_untrained": free,
+    "teacher.evaluate": free,
     "teacher.cache": name,
     "method.name": name,
     "method.options": free,  # each method checks its own options (names, types, ranges)
@@ -199,6 +211,7 @@ RULES: dict[str, Rule] = {
     "trainer.gradient_clip_val": number(0),
     "trainer.compile": free,
     "trainer.progress_bar": free,
+    "trainer.checkpoint_every_n_steps": integer(1, 100_000_000),
 }
 
 
@@ -266,6 +279,10 @@ def check_model_kwargs(key: str, model: str, kwargs: dict[str, Any], num_classes
 
     if "num_classes" in kwargs:
         raise ConfigError(f"{key}.kwargs.num_classes: the number of classes comes from the data (data.num_classes)")
+    for weights in ("weights", "pretrained"):
+        if weights in kwargs:
+            raise ConfigError(f"{key}.kwargs.{weights}: weights are not downloaded; save them once and name the file "
+                              f"with {key}.pretrained=<path> (the classifier is replaced for your class count)")
     try:
         with torch.device("meta"):
             create_model(model, num_classes=num_classes, **kwargs)

@@ -42,6 +42,9 @@ RESUME_MAY_CHANGE = (
     "data.eval_batch_size",
     "data.cache_dir",
     "data.download",
+    "data.val_per_class",
+    "teacher.allow_untrained",
+    "teacher.evaluate",
 )
 
 

@@ -17,12 +17,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from kdistill.card import export_paths, read_card_file
+from kdistill.card import export_paths, read_card_file, remove_dead_temporaries
 from kdistill.checkpoint import CheckpointError, load_weights, read_card, save_student
 from kdistill.config import Config, TrainerConfig
-from kdistill.data import DataBundle, ImageTensors, make_loader
+from kdistill.data import DataBundle, ImageTensors, StreamingFolder, make_loader
 from kdistill.engine.build import Built, build_run, load_data
-from kdistill.engine.callbacks import AtomicCheckpointIO, History, Throughput
+from kdistill.engine.callbacks import AtomicCheckpointIO, EpochCheckpoint, History, Throughput
 from kdistill.engine.datamodule import TensorDataModule
 from kdistill.engine.module import DistillModule
 from kdistill.engine.resume import AppendingCSVLogger, RecordConfig, plan_resume
@@ -30,6 +30,7 @@ from kdistill.engine.rundir import claim, is_main_process, take_ownership
 from kdistill.engine.signals import RunInterrupted, StopOnSignal
 from kdistill.files import atomic_write, atomic_write_json
 from kdistill.models import create_model
+from kdistill.predict import preprocessing
 from kdistill.utils import ConfigError
 
 log = logging.getLogger(__name__)
@@ -82,12 +83,47 @@ def card_for(cfg: Config, data: DataBundle, metrics: dict[str, Any]) -> dict[str
         "input_size": list(data.input_size),
         "mean": data.mean,
         "std": data.std,
+        "preprocessing": preprocessing({"input_size": list(data.input_size), "mean": data.mean, "std": data.std}),
         "method": cfg.method.name,
         "teachers": [t.model for t in cfg.teachers],
         "metrics": metrics,
         "skipped_images": data.skipped,
+        "data_storage": data.storage,
         "recipe": cfg.to_dict(),
     }
+
+
+def resolved_config(cfg: Config, built: Built) -> dict[str, Any]:
+    """The configuration as the run uses it: the method's options with every default filled in (and
+    adapted to the run), the data set's own class count."""
+    raw = cfg.to_dict()
+    raw["method"]["options"] = dict(built.method_options)
+    raw["data"]["num_classes"] = built.data.num_classes
+    return raw
+
+
+def start_summary(cfg: Config, built: Built) -> str:
+    """What is about to run, printed before training: networks, method and its resolved options."""
+    teachers = ", ".join(t.model for t in cfg.teachers) or "none"
+    options = ", ".join(f"{k}={v}" for k, v in built.method_options.items()) or "none"
+    lines = [f"student {cfg.student.model}, teachers: {teachers}, {built.data.num_classes} classes, "
+             f"{len(built.data.train)} training images, {cfg.trainer.max_epochs} epochs",
+             f"method {cfg.method.name}: {options}"]
+    lines += [f"  adapted to this run: {note}" for note in built.option_notes]
+    return "\n".join(lines)
+
+
+def check_teachers(cfg: Config, built: Built, out: Path) -> list[dict[str, Any]]:
+    """Print each teacher's validation accuracy (cached per weights file) and a warning for a weak one."""
+    from kdistill.engine.teacher_check import teacher_scores, weak_teacher_warnings
+
+    scores = teacher_scores(cfg, built.data, built.distiller.teachers)
+    for i, s in enumerate(scores):
+        print(f"teacher {i} {s.model}: val top-1 {s.top1:.2f}%  top-5 {s.top5:.2f}%"
+              f"{'  (cached)' if s.cached else ''}", flush=True)
+    for warning in weak_teacher_warnings(scores, built.data.num_classes, out, cfg.student.model):
+        print(warning, file=sys.stderr, flush=True)
+    return [s.to_dict() for s in scores]
 
 
 DDP_NAMES = ("ddp", "ddp_find_unused_parameters_true", "ddp_find_unused_parameters_false")
@@ -112,7 +148,7 @@ def make_strategy(t: TrainerConfig) -> Any:
 
 def make_trainer(cfg: Config, out: Path, callbacks: list[L.Callback], enable_checkpoints: bool = True) -> L.Trainer:
     t = cfg.trainer
-    best = ModelCheckpoint(
+    best = EpochCheckpoint(
         dirpath=out / "checkpoints", filename="best-epoch{epoch:03d}", auto_insert_metric_name=False,
         monitor="val/top1", mode="max", save_top_k=1,
     )
@@ -120,6 +156,10 @@ def make_trainer(cfg: Config, out: Path, callbacks: list[L.Callback], enable_che
     # accuracy stalls would resume from a stale epoch
     last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1, monitor=None,
                            every_n_epochs=1, enable_version_counter=False)
+    if t.checkpoint_every_n_steps:  # mid-epoch: a killed run loses at most this many steps (docs/data.md)
+        callbacks = [*callbacks, ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1,
+                                                 monitor=None, every_n_train_steps=t.checkpoint_every_n_steps,
+                                                 enable_version_counter=False)]
     loggers = [AppendingCSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="tb", version="")]
     # a whole number above 1 is a count of batches for Lightning, a float in (0, 1] a fraction
     extra = {k: (int(v) if v > 1 else v) for k, v in (("limit_train_batches", t.limit_train_batches),
@@ -169,7 +209,8 @@ def _fit(cfg: Config, resume: bool, built: Built | None, out: Path, run: Any) ->
             teacher.compile()
     module = DistillModule(cfg, built.distiller, built.augment, built.data.num_classes, built.teacher_cache)
     dm = TensorDataModule(built.data, cfg)
-    history, speed = History(), Throughput()
+    speed = Throughput()
+    history = History(speed)
     stop = StopOnSignal(out / "checkpoints" / "last.ckpt")
     trainer = make_trainer(cfg, out, [history, speed, stop, RecordConfig(cfg.to_dict())])
     world = max(1, trainer.world_size)
@@ -189,10 +230,19 @@ def _fit(cfg: Config, resume: bool, built: Built | None, out: Path, run: Any) ->
         if run is not None and plan.changes:
             run.record(resumes=[{"epochs_done": plan.epochs_done,
                                  "changes": {k: list(v) for k, v in plan.changes.items()}}])
+    teachers_val: list[dict[str, Any]] = []
+    if trainer.is_global_zero:
+        print(start_summary(cfg, built), flush=True)
+        if cfg.trainer.limit_val_batches not in (None, 1.0):
+            print("warning: trainer.limit_val_batches scores the first batches of the validation split, which may be "
+                  "sorted by class; data.val_per_class=N validates on N images of every class instead",
+                  file=sys.stderr, flush=True)
+        if cfg.teachers and cfg.teacher.evaluate:
+            teachers_val = check_teachers(cfg, built, out)
     if run is not None:
         take_ownership(run, " ".join(["kdistill", *sys.argv[1:]]))
-        atomic_write_json(out / "config.json", cfg.to_dict())
-        atomic_write_json(out / "run.json", card_for(cfg, built.data, {}))
+        atomic_write_json(out / "config.json", resolved_config(cfg, built))
+        atomic_write_json(out / "run.json", card_for(cfg, built.data, {"teachers_val": teachers_val}))
     start = time.perf_counter()
     stop.install()  # a signal while Lightning sets up also stops cleanly
     try:
@@ -216,7 +266,7 @@ def _fit(cfg: Config, resume: bool, built: Built | None, out: Path, run: Any) ->
     if trainer.is_global_zero:
         metrics = {"top1_last": result.top1_last, "top1_best": result.top1_best, "top5_last": result.top5_last,
                    "epochs": trainer.current_epoch, "train_images_per_s": result.images_per_s,
-                   "train_seconds": seconds, "peak_memory_mb": peak_memory_mb()}
+                   "train_seconds": seconds, "peak_memory_mb": peak_memory_mb(), "teachers_val": teachers_val}
         result.export = save_student(built.distiller.student, out / "student.safetensors",
                                      card_for(cfg, built.data, metrics))
         atomic_write_json(out / "metrics.json", {**metrics, "history": history.rows})
@@ -224,8 +274,8 @@ def _fit(cfg: Config, resume: bool, built: Built | None, out: Path, run: Any) ->
 
 
 @torch.no_grad()
-def evaluate_model(model: torch.nn.Module, val: ImageTensors, mean: list[float], std: list[float],
-                   batch_size: int = 256, device: str | torch.device = "cpu") -> dict[str, float]:
+def evaluate_model(model: torch.nn.Module, val: ImageTensors | StreamingFolder, mean: list[float], std: list[float],
+                   batch_size: int = 256, device: str | torch.device = "cpu", num_workers: int = 0) -> dict[str, float]:
     """Top-1/top-5 (%) on ``val`` and inference images/s (batch ``batch_size``)."""
     from kdistill.data import BatchAugment
 
@@ -233,8 +283,7 @@ def evaluate_model(model: torch.nn.Module, val: ImageTensors, mean: list[float],
     model = model.to(device).eval()
     correct1 = correct5 = 0
     elapsed = 0.0
-    for start in range(0, len(val), batch_size):
-        images, targets, _ = val[range(start, min(start + batch_size, len(val)))]
+    for images, targets, _ in make_loader(val, batch_size, train=False, num_workers=num_workers):
         x = aug(images.to(device), train=False)
         t0 = time.perf_counter()
         logits = model(x)
@@ -281,19 +330,65 @@ def evaluate(path: str | Path, cfg: Config | None = None) -> dict[str, float]:
     data = load_data(cfg)
     if data.num_classes != card["num_classes"]:
         raise ConfigError(f"the model has {card['num_classes']} classes but the data set has {data.num_classes}")
-    return evaluate_model(model, data.val, card["mean"], card["std"], cfg.data.eval_batch_size)
+    return evaluate_model(model, data.val, card["mean"], card["std"], cfg.data.eval_batch_size,
+                          num_workers=cfg.data.num_workers)
 
 
-def export(path: str | Path, out: str | Path, onnx: bool = False) -> list[Path]:
-    """Write the student as safetensors (+ card) and optionally ONNX; returns the written files."""
+class WithPreprocessing(torch.nn.Module):
+    """A student that takes uint8 RGB images of any size (N×3×H×W): resized to the card's input size
+    (bilinear), scaled to [0, 1] and normalised inside, so an ONNX runtime needs no preprocessing code."""
+
+    def __init__(self, model: torch.nn.Module, card: dict[str, Any]):
+        super().__init__()
+        self.model = model
+        self.size = tuple(card["input_size"][1:])
+        self.register_buffer("mean", torch.tensor(card["mean"]).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(card["std"]).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        x = torch.nn.functional.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        return self.model((x / 255 - self.mean) / self.std)
+
+
+def onnx_contract(card: dict[str, Any], preprocess: bool) -> dict[str, Any]:
+    """What the ONNX file takes and returns (written into the export's card)."""
+    _, h, w = card["input_size"]
+    if preprocess:
+        inputs = {"name": "images", "dtype": "uint8", "shape": ["N", 3, "H", "W"], "color": "RGB, 0-255",
+                  "inside": f"resized to {h}x{w} (bilinear, no antialiasing), divided by 255, normalised with the "
+                            "card's mean and std"}
+    else:
+        inputs = {"name": "images", "dtype": "float32", "shape": ["N", 3, h, w],
+                  "preprocessing": "RGB resized to the input size, divided by 255, minus mean, divided by std "
+                                   "(the card's preprocessing)"}
+    return {"input": inputs, "output": {"name": "logits", "dtype": "float32", "shape": ["N", card["num_classes"]],
+                                        "classes": "in the card's classes order"}}
+
+
+def export(path: str | Path, out: str | Path, onnx: bool = False, onnx_preprocess: bool = False) -> list[Path]:
+    """Write the student as safetensors (+ card) and optionally ONNX (``onnx_preprocess``: uint8 images of any
+    size in, the resize and normalisation inside); returns the written files."""
+    onnx = onnx or onnx_preprocess
     out, card_path, onnx_path = export_paths(out, onnx)  # three distinct files, checked before reading
     model, card = load_from_run(path)
+    for target in (out, card_path, onnx_path):
+        if target is not None:
+            remove_dead_temporaries(target)  # left by an export that was killed while writing
+    if onnx:
+        card = {**card, "onnx": onnx_contract(card, onnx_preprocess)}
     written = [save_student(model, out, card), card_path]
     if onnx_path is not None:
-        dummy = torch.zeros(1, *card["input_size"])
         model.eval()
+        if onnx_preprocess:
+            net: torch.nn.Module = WithPreprocessing(model, card).eval()
+            dummy = torch.zeros(1, 3, *card["input_size"][1:], dtype=torch.uint8)
+            axes = {"images": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}}
+        else:
+            net, dummy = model, torch.zeros(1, *card["input_size"])
+            axes = {"images": {0: "batch"}, "logits": {0: "batch"}}
         atomic_write(onnx_path, lambda tmp: torch.onnx.export(
-            model, (dummy,), str(tmp), input_names=["images"], output_names=["logits"],
-            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False))
+            net, (dummy,), str(tmp), input_names=["images"], output_names=["logits"],
+            dynamic_axes=axes, dynamo=False))
         written.append(onnx_path)
     return written
