@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 
-from kdistill.checkpoint import read_card, save_student
+from kdistill.checkpoint import save_student
 from kdistill.detection.config import DetectionConfig
 from kdistill.detection.data import CocoDetectionData, SyntheticShapesCOCO, check_targets, collate
 from kdistill.detection.distiller import ReviewKDDetection
@@ -326,6 +326,25 @@ def fit_detection(cfg: DetectionConfig, resume: bool = False) -> DetectionResult
     return DetectionResult(out, metrics, seconds, export)
 
 
+def _read_detector_card(path: Path) -> dict[str, Any]:
+    """A detector export's card: the JSON beside it, else the safetensors header (the classification
+    card reader would insist on an image input size)."""
+    from kdistill.checkpoint import CheckpointError
+
+    if not path.is_file():
+        raise CheckpointError(f"detector export {str(path)!r} does not exist")
+    card_path = path.with_suffix(".json")
+    if card_path.is_file():
+        return json.loads(card_path.read_text())
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        meta = fh.metadata() or {}
+    if "kdistill_card" not in meta:
+        raise CheckpointError(f"{str(path)!r} has no kdistill card")
+    return json.loads(meta["kdistill_card"])
+
+
 def load_detector_from_run(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     """The student detector of a run folder, an export (``.safetensors``) or a checkpoint (``.ckpt``)."""
     from kdistill.checkpoint import CheckpointError
@@ -339,7 +358,7 @@ def load_detector_from_run(path: str | Path) -> tuple[nn.Module, dict[str, Any]]
         prefix = "model.student." if any(k.startswith("model.student.") for k in state) else "model."
         weights = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     elif path.suffix == ".safetensors":
-        card = read_card(path)
+        card = _read_detector_card(path)
         weights = None
     else:
         raise CheckpointError(f"{str(path)!r}: expected a run folder, a .safetensors export or a .ckpt checkpoint")
