@@ -21,8 +21,10 @@ def is_detection_run(path: str | Path) -> bool:
     path = Path(path)
     for card in (path / "run.json", path.with_suffix(".json"), path.parent.parent / "run.json"):
         try:
-            if card.is_file() and json.loads(card.read_text()).get("task") == "detection":
-                return True
+            if card.is_file():
+                content = json.loads(card.read_text())
+                if isinstance(content, dict) and content.get("task") == "detection":
+                    return True
         except (OSError, ValueError):
             continue
     return False
