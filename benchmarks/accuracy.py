@@ -19,14 +19,13 @@ import fcntl
 import json
 import os
 import platform
-import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, ROOT, SHARED, unpack_tiny100
+from common import RESULTS, ROOT, SHARED, shown_command, unpack_tiny100
 
 from kdistill.files import atomic_write_text
 
@@ -109,7 +108,7 @@ def run_kdistill(argv: list[str], out: Path, threads: int, label: str) -> tuple[
     commit the run used (HEAD when it starts, ``+dirty`` when src has uncommitted changes; ``None``
     when reused). Shared by the accuracy and MEAL benchmarks.
     """
-    shown = "kdistill " + " ".join(shlex.quote(a) for a in argv)
+    shown = shown_command(argv)
     if finished_run_matches(out, argv[1:]):
         print(f"{label}: reusing the finished run in {out}", flush=True)
         metrics = json.loads((out / "metrics.json").read_text())
@@ -148,7 +147,7 @@ def run_row(method: str, seed: int, args: argparse.Namespace, data_root: Path) -
     if method == "ce":
         argv = [a for a in argv if not a.startswith("teacher.")]
     metrics, seconds, commit = run_kdistill(argv, out, args.threads, f"row {method} seed {seed}")
-    return {"method": method, "seed": seed, "command": "kdistill " + " ".join(shlex.quote(a) for a in argv),
+    return {"method": method, "seed": seed, "command": shown_command(argv),
             "wall_seconds": seconds, **({"commit": commit} if commit else {}),
             **{k: v for k, v in metrics.items() if k != "history"}, "history": metrics["history"]}
 
