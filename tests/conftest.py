@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tarfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,6 +15,13 @@ if TYPE_CHECKING:
     from kdistill.step import Distiller
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+# One intra-op thread for the whole suite, in this process and in every subprocess it starts: tiny models
+# run fastest that way on a shared 2-core machine, and the seeded resume tests compare in-process and
+# subprocess runs bit for bit, which holds only when both reduce with the same thread count.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -13,11 +13,6 @@ from kdistill.methods import Batch, ModelOutput, StepInfo, build_method
 from kdistill.step import Distiller, FixedTeachers, OwnOptimizerStep, classifier_head, sum_losses, train_step
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
 def test_teacher_bf16_autocast_path_and_agreement() -> None:
     d = make_distiller()
     x = make_augment()(make_data(32, seed=5).images, train=False)

@@ -19,14 +19,8 @@ from kdistill.methods.base import Batch, StepInfo
 from kdistill.step import FixedTeachers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory):
-    torch.set_num_threads(1)
     d, data, aug = make_distiller(), make_data(), make_augment()
     out = tmp_path_factory.mktemp("cache") / "fp32"
     cache = build_teacher_cache(d, data, aug, out, views=3, storage="fp32", batch_size=7, seed=1)
