@@ -19,14 +19,13 @@ import fcntl
 import json
 import os
 import platform
-import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from common import RESULTS, ROOT, SHARED, unpack_tiny100
+from common import RESULTS, ROOT, SHARED, shown_command, unpack_tiny100
 
 from kdistill.files import atomic_write_text
 
@@ -109,7 +108,7 @@ def run_kdistill(argv: list[str], out: Path, threads: int, label: str) -> tuple[
     commit the run used (HEAD when it starts, ``+dirty`` when src has uncommitted changes; ``None``
     when reused). Shared by the accuracy and MEAL benchmarks.
     """
-    shown = "kdistill " + " ".join(shlex.quote(a) for a in argv)
+    shown = shown_command(argv)
     if finished_run_matches(out, argv[1:]):
         print(f"{label}: reusing the finished run in {out}", flush=True)
         metrics = json.loads((out / "metrics.json").read_text())
@@ -147,16 +146,6 @@ def kernels() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
-def portable_command(argv: list[str], cache: str) -> str:
-    """The command as a reader types it: paths relative to the repository, ``$KDISTILL_CACHE`` for the cache."""
-    shown = []
-    for arg in argv:
-        for path, name in ((str(Path(cache).resolve()), "$KDISTILL_CACHE"), (str(SHARED), "../shared"), (f"{ROOT}/", "")):
-            arg = arg.replace(path, name)
-        shown.append(arg if "$KDISTILL_CACHE" in arg else shlex.quote(arg))  # the shell expands the variable
-    return "kdistill " + " ".join(shown)
-
-
 def run_row(method: str, seed: int, args: argparse.Namespace, data_root: Path) -> dict:
     out = Path(args.runs) / f"{method}-seed{seed}"
     command = "train" if method == "ce" else "distill"
@@ -165,7 +154,7 @@ def run_row(method: str, seed: int, args: argparse.Namespace, data_root: Path) -
     if method == "ce":
         argv = [a for a in argv if not a.startswith("teacher.")]
     metrics, seconds, commit = run_kdistill(argv, out, args.threads, f"row {method} seed {seed}")
-    return {"method": method, "seed": seed, "command": portable_command(argv, args.cache),
+    return {"method": method, "seed": seed, "command": shown_command(argv),
             "wall_seconds": seconds, **({"commit": commit} if commit else {}), "kernels": kernels(),
             **{k: v for k, v in metrics.items() if k != "history"}, "history": metrics["history"]}
 
