@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
 from kdistill import build_method, create_model, list_models
 from kdistill.distiller import Distiller
@@ -20,6 +19,7 @@ from kdistill.features import FeatureRecorder, stage_taps
 from kdistill.losses import at_loss, dkd_loss, fitnet_loss, kd_loss, nst_loss, pkt_loss, rkd_loss, sp_loss
 from kdistill.methods import Batch, ModelOutput, StepInfo, method_options
 from kdistill.methods.fitnet import ConvReg
+from kdistill.recipes import load_recipe
 from kdistill.utils import ConfigError
 
 MY_METHODS = ("dkd", "at", "sp", "pkt", "rkd", "nst", "fitnet")
@@ -503,7 +503,7 @@ def test_recipes_are_valid_and_carry_the_spec_numbers():
     for path in sorted(RECIPES.glob("*/*.yaml")):
         if path.parent.name not in MY_METHODS:
             continue
-        raw = yaml.safe_load(path.read_text())
+        raw = load_recipe(path)
         assert raw["method"]["name"] == path.parent.name
         assert set(raw["method"]["options"]) <= set(method_options(path.parent.name)), path
         teacher, student = path.stem.split("-")
@@ -514,7 +514,7 @@ def test_recipes_are_valid_and_carry_the_spec_numbers():
         assert raw["trainer"]["max_epochs"] == 240 and raw["data"]["batch_size"] == 64
         assert 50 < raw["published"]["top1"] < 80
     for (method, pair), (top1, beta) in SPOT_CHECKS.items():
-        raw = yaml.safe_load((RECIPES / method / f"{pair}.yaml").read_text())
+        raw = load_recipe(RECIPES / method / f"{pair}.yaml")
         assert raw["published"]["top1"] == top1
         if beta is not None:
             assert raw["method"]["options"]["beta"] == beta

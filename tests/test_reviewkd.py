@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 import kdistill
@@ -21,6 +20,7 @@ from kdistill.losses import hcl_loss
 from kdistill.methods.base import Batch, ModelOutput, StepInfo
 from kdistill.methods.reviewkd import ABF, ReviewKD
 from kdistill.models import list_models
+from kdistill.recipes import load_recipe
 from kdistill.utils import ConfigError
 
 
@@ -561,7 +561,7 @@ def test_cifar_recipes_follow_the_spec_and_build():
     paths = sorted((RECIPES / "cifar100" / "reviewkd").glob("*.yaml"))
     assert {p.stem for p in paths} == set(RECIPE_LAMBDA)
     for path in paths:
-        recipe = yaml.safe_load(path.read_text())
+        recipe = load_recipe(path)
         options = recipe["method"]["options"]
         student = recipe["student"]["model"]
         assert recipe["method"]["name"] == "reviewkd" and options["loss_weight"] == RECIPE_LAMBDA[path.stem], path.stem
@@ -577,7 +577,7 @@ def test_cifar_recipes_follow_the_spec_and_build():
 def test_imagenet_recipes():
     expected = {"resnet34-resnet18": (1.0, 512), "resnet50-mobilenet_v1": (8.0, 256)}
     for name, (lam, c_m) in expected.items():
-        recipe = yaml.safe_load((RECIPES / "imagenet" / "reviewkd" / f"{name}.yaml").read_text())
+        recipe = load_recipe(RECIPES / "imagenet" / "reviewkd" / f"{name}.yaml")
         options = recipe["method"]["options"]
         assert options["loss_weight"] == lam and options.get("mid_channels", 512) == c_m
         assert options["warmup_epochs"] == 0 and options["student_preact"] and options["teacher_preact"]

@@ -128,17 +128,15 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from kdistill.config import recipes_dir
+    from kdistill.recipes import list_recipes, load_recipe
 
-    root = recipes_dir()
     rows = []
-    for path in sorted(root.rglob("*.yaml")):
+    for name, path in list_recipes():  # bases (recipes/_base/) are not runnable on their own: not listed
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
-            desc = raw.get("description", "") if isinstance(raw, dict) else ""
-        except yaml.YAMLError:
-            desc = "(unreadable YAML)"
-        rows.append((str(path.relative_to(root).with_suffix("")), desc))
+            desc = str(load_recipe(path).get("description", ""))
+        except ConfigError as exc:
+            desc = f"(unreadable: {exc})"
+        rows.append((name, desc))
     if args.filter:
         rows = [r for r in rows if args.filter in r[0]]
     width = max((len(r[0]) for r in rows), default=10)

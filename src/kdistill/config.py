@@ -7,15 +7,14 @@ with the key, the allowed values and close matches. YAML is read with ``yaml.saf
 from __future__ import annotations
 
 import dataclasses
-import os
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import yaml
 
+from kdistill.recipes import find_recipe, load_recipe, recipes_dir  # noqa: F401  (find_recipe, recipes_dir: API)
 from kdistill.utils import ConfigError, unknown_name_error
 
 
@@ -255,38 +254,9 @@ def _set_path(tree: dict[str, Any], key: str, value: Any) -> None:
         raise ConfigError(f"override {key!r}: {'.'.join(parts[:-1])!r} is not a section")
 
 
-def recipes_dir() -> Path:
-    """Where named recipes live: ``$KDISTILL_RECIPES`` or the repository's ``recipes/``."""
-    env = os.environ.get("KDISTILL_RECIPES")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "recipes"
-
-
-def find_recipe(name: str) -> Path:
-    """A recipe by path, or by name relative to ``recipes/`` (``cifar100/kd/resnet56-resnet20``)."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    for candidate in (recipes_dir() / name, recipes_dir() / f"{name}.yaml"):
-        if candidate.is_file():
-            return candidate
-    known = [str(p.relative_to(recipes_dir()).with_suffix("")) for p in recipes_dir().rglob("*.yaml")]
-    raise unknown_name_error("recipe", name, known)
-
-
 def load_raw(recipe: str | None) -> dict[str, Any]:
-    """The recipe's YAML as a dict (empty for no recipe)."""
-    if recipe is None:
-        return {}
-    path = find_recipe(recipe)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {exc}") from exc
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections, got {type(raw).__name__}")
-    return raw
+    """The recipe as a dict with its ``base:`` recipes resolved (empty for no recipe)."""
+    return {} if recipe is None else load_recipe(recipe)
 
 
 def build_config(recipe: str | None = None, overrides: list[str] | None = None, base: dict | None = None) -> Config:
