@@ -22,15 +22,13 @@ import platform
 import shlex
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 import torch
+from common import RESULTS, ROOT, SHARED, unpack_tiny100
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-RESULTS = ROOT / "benchmarks" / "results"
+from kdistill.files import atomic_write_text
 
 # Method rows: overrides on top of the common budget. Warm-ups that the 240-epoch recipes set to
 # 20 epochs are scaled to the short budget (20/240 of it, rounded up to 1 epoch).
@@ -83,20 +81,6 @@ NOTES: dict[str, str] = {
         "neither helped nor hurt here. CRD needs a long schedule; the short-budget table does not rank it fairly."
     ),
 }
-
-
-def unpack_tiny100(cache: Path) -> Path:
-    """``tiny100-32`` unpacked once into ``cache`` (never into the repository)."""
-    target = cache / "tiny100-32"
-    if (target / "val").is_dir():
-        return target
-    archive = SHARED / "data" / "tiny100-32.tar.gz"
-    if not archive.is_file():
-        sys.exit(f"missing {archive}: the accuracy benchmark needs the shared tiny100-32 data")
-    cache.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(archive) as tar:
-        tar.extractall(cache, filter="data")
-    return target
 
 
 def common_overrides(args: argparse.Namespace, data_root: Path) -> list[str]:
@@ -171,9 +155,7 @@ def append_row(cache_file: Path, row: dict) -> list[dict]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         rows = json.loads(cache_file.read_text()) if cache_file.is_file() else []
         rows = [r for r in rows if (r["method"], r["seed"]) != (row["method"], row["seed"])] + [row]
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(rows, indent=1))
-        os.replace(tmp, cache_file)
+        atomic_write_text(cache_file, json.dumps(rows, indent=1))
     return rows
 
 

@@ -33,18 +33,8 @@ import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import (
-    RESULTS,
-    ROOT,
-    add_budget_arguments,
-    append_row,
-    common_overrides,
-    finished_run_matches,
-    run_kdistill,
-    unpack_tiny100,
-)
+from accuracy import add_budget_arguments, append_row, common_overrides, finished_run_matches, run_kdistill
+from common import RESULTS, ROOT, unpack_tiny100
 
 TEACHER_RECIPE = [
     "data.name=imagefolder", "data.batch_size=64", "data.eval_batch_size=500",

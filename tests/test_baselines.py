@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from kdistill import build_method, create_model, list_models
-from kdistill.distiller import Distiller
 from kdistill.features import FeatureRecorder, stage_taps
 from kdistill.losses import at_loss, dkd_loss, fitnet_loss, kd_loss, nst_loss, pkt_loss, rkd_loss, sp_loss
 from kdistill.methods import Batch, ModelOutput, StepInfo, method_options
 from kdistill.methods.fitnet import ConvReg
 from kdistill.recipes import load_recipe
+from kdistill.step import Distiller
 from kdistill.utils import ConfigError
 
 MY_METHODS = ("dkd", "at", "sp", "pkt", "rkd", "nst", "fitnet")

@@ -8,7 +8,6 @@ a full disk never leaves a truncated file where a good one was.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from kdistill.files import atomic_write
 from kdistill.utils import ConfigError
 
 # Damaged bytes make the restricted unpickler fail in many ways (IndexError, KeyError, struct.error,
@@ -111,24 +111,6 @@ def load_weights(model: nn.Module, path: str | Path, prefix: str = "") -> nn.Mod
         raise CheckpointError("\n".join(lines))
     model.load_state_dict(state, strict=True)
     return model
-
-
-def atomic_write(path: str | Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``; on failure the old file is untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise OSError(exc.errno, f"{exc.strerror or exc}; the previous file at this path is kept", str(path)) from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def save_student(model: nn.Module, path: str | Path, card: Mapping[str, Any]) -> Path:

@@ -7,14 +7,13 @@ with the key, the allowed values and close matches. YAML is read with ``yaml.saf
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
 from kdistill.recipes import find_recipe, load_recipe, recipes_dir  # noqa: F401  (find_recipe, recipes_dir: API)
+from kdistill.typed import build_dataclass
 from kdistill.utils import ConfigError, unknown_name_error
 
 
@@ -124,6 +123,11 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Config:
+        """A ``Config`` from a mapping such as ``to_dict()`` wrote (types checked, names not validated)."""
+        return build_dataclass(cls, raw)
+
 
 CHOICES = {
     "data.on_bad_image": ("skip", "error"),
@@ -132,80 +136,6 @@ CHOICES = {
     "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
 }
 TEACHER_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
-
-
-def _coerce(path: str, value: Any, tp: Any) -> Any:
-    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are expected."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(path, value, arg)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{path}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, path)
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {value!r}")
-        return value
-    if tp is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # e.g. teacher.precision=32
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return value
-    return value
-
-
-def _build(cls: type, raw: Any, path: str = "") -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path or 'recipe'}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in raw.items():
-        full = f"{path}.{key}" if path else str(key)
-        if key not in names:
-            raise unknown_name_error("config key", full, [f"{path}.{n}" if path else n for n in names])
-        kwargs[key] = _coerce(full, value, hints[key])
-    return cls(**kwargs)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -266,7 +196,7 @@ def build_config(recipe: str | None = None, overrides: list[str] | None = None, 
     for text in overrides or []:
         key, value = parse_override(text)
         _set_path(tree, key, value)
-    cfg = _build(Config, tree)
+    cfg = Config.from_dict(tree)
     validate(cfg)
     return cfg
 
@@ -274,7 +204,7 @@ def build_config(recipe: str | None = None, overrides: list[str] | None = None, 
 def validate(cfg: Config) -> None:
     """Names and ranges that a dataclass type cannot express."""
     from kdistill.data import DATASETS
-    from kdistill.methods import method_class, method_options
+    from kdistill.methods import parse_method_options
     from kdistill.models import is_known_model, list_models
 
     flat = {
@@ -293,11 +223,7 @@ def validate(cfg: Config) -> None:
     ]:
         if not is_known_model(model):
             raise unknown_name_error(f"model for {where}", model, [*list_models(), "torchvision.<name>", "timm.<name>"])
-    method_class(cfg.method.name)
-    allowed = method_options(cfg.method.name)
-    for key in cfg.method.options:
-        if key not in allowed:
-            raise unknown_name_error(f"option of method {cfg.method.name!r} (method.options.{key})", key, allowed)
+    parse_method_options(cfg.method.name, cfg.method.options, "method.options")  # names, types and ranges
     positive = {
         "data.batch_size": cfg.data.batch_size,
         "data.eval_batch_size": cfg.data.eval_batch_size,

@@ -16,7 +16,7 @@ keys ``stem, stage1 ... stageK, pooled`` with post- or pre-ReLU variants (``stag
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -158,11 +158,6 @@ def stage_taps(model: nn.Module, preact: bool = False) -> OrderedDict[str, str]:
     )
 
 
-def stage_keys(taps: Mapping[str, str]) -> list[str]:
-    """The ``stageK`` keys of a preset, shallow to deep."""
-    return [k for k in taps if k.startswith("stage")]
-
-
 def _last_block(model: nn.Module, layer: str) -> str:
     seq = model.get_submodule(layer)
     return f"{layer}.{len(seq) - 1}"
@@ -218,3 +213,47 @@ def probe_shapes(model: nn.Module, taps: Mapping[str, str], input_size: tuple[in
         return {k: v.shape[1:] for k, v in rec.features.items()}
     finally:
         model.train(was_training)
+
+
+class TappedModel:
+    """A network and the user's named taps: the one place a feature key becomes a tap spec.
+
+    Keys are stage-preset keys (``stem``, ``stage1``..., ``pooled``; ``preact`` picks the pre-ReLU
+    variants) or keys named in ``taps`` (``{"last": "layer3"}``), which take precedence over the
+    preset. A method asks for keys; the training step records ``tap_specs(keys)`` on this network.
+    """
+
+    def __init__(self, model: nn.Module, taps: Mapping[str, str] | None = None):
+        self.model = model
+        self.taps = dict(taps or {})
+
+    def _preset(self, preact: bool) -> dict[str, str]:
+        """The family's stage preset; a model without one is fine when the user named its taps."""
+        try:
+            return dict(stage_taps(self.model, preact))
+        except ConfigError:
+            if not self.taps:
+                raise
+            return {}
+
+    def tap_specs(self, keys: Sequence[str], preact: bool = False, who: str = "") -> dict[str, str]:
+        """``{key: tap spec}`` for ``keys``; a ConfigError (prefixed with ``who``) lists the known keys."""
+        if not keys:
+            return {}
+        preset = self._preset(preact) if any(k not in self.taps for k in keys) else {}
+        merged = {**preset, **self.taps}
+        missing = [k for k in keys if k not in merged]
+        if missing:
+            raise ConfigError(f"{who}: features {missing} not available; known: {sorted(merged)}")
+        return {k: merged[k] for k in keys}
+
+    def stages(self, preact: bool = False) -> list[str]:
+        """The ``stageK`` keys this network offers (preset merged with ``taps``), shallow to deep."""
+        keys = [k for k in {**self._preset(preact), **self.taps} if k.startswith("stage")]
+        return sorted(keys, key=lambda k: (0, int(k[5:])) if k[5:].isdigit() else (1, k))
+
+    def probe(
+        self, keys: Sequence[str], preact: bool, input_size: tuple[int, ...], who: str = ""
+    ) -> dict[str, torch.Size]:
+        """Shapes of ``keys`` from a dry run (``probe_shapes``), to size a method's modules."""
+        return probe_shapes(self.model, self.tap_specs(keys, preact, who), input_size)

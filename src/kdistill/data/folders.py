@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kdistill.data.tensors import ImageTensors
+from kdistill.files import atomic_write, atomic_write_text
 from kdistill.utils import ConfigError
 
 log = logging.getLogger(__name__)
@@ -122,11 +123,9 @@ def load_image_folder(
         raise ConfigError(f"no readable images in {str(split_dir)!r}")
     tensors = ImageTensors(torch.stack(images), torch.tensor(targets, dtype=torch.long))
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(".tmp")
-        save_file({"images": tensors.images.contiguous(), "targets": tensors.targets}, str(tmp))
-        cached.with_suffix(".json").write_text(json.dumps({"skipped": skipped, "source": str(split_dir)}))
-        os.replace(tmp, cached)
+        atomic_write_text(cached.with_suffix(".json"), json.dumps({"skipped": skipped, "source": str(split_dir)}))
+        blob = {"images": tensors.images.contiguous(), "targets": tensors.targets}
+        atomic_write(cached, lambda tmp: save_file(blob, str(tmp)))  # last: its presence means complete
     except OSError as exc:  # a read-only cache only costs speed
         log.warning("could not write the decoded-image cache %s: %s", cached, exc)
     return FolderSplit(tensors, found_classes, skipped)

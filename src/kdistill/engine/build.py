@@ -11,10 +11,10 @@ from torch import nn
 from kdistill.checkpoint import load_weights
 from kdistill.config import Config, ModelConfig
 from kdistill.data import BatchAugment, DataBundle, build_data
-from kdistill.distiller import Distiller, Renormalize
 from kdistill.engine.teacher_cache import TeacherCache, load_teacher_cache
-from kdistill.methods import build_method, method_options
+from kdistill.methods import RunFacts, build_method, parse_method_options
 from kdistill.models import create_model
+from kdistill.step import Distiller, Renormalize
 from kdistill.utils import ConfigError
 
 log = logging.getLogger(__name__)
@@ -85,17 +85,16 @@ def build_run(cfg: Config, data: DataBundle | None = None) -> Built:
         teachers.append(teacher)
         needs = tc.mean is not None and (tc.mean != data.mean or tc.std != data.std)
         teacher_inputs.append(Renormalize(data.mean, data.std, tc.mean, tc.std or data.std) if needs else None)
-    options = dict(cfg.method.options)
-    if "num_samples" in method_options(cfg.method.name) and "num_samples" not in options:
-        options["num_samples"] = len(data.train)
+    facts = RunFacts(input_size=data.input_size, num_samples=len(data.train), num_classes=n,
+                     max_epochs=cfg.trainer.max_epochs)
     method = build_method(
         cfg.method.name,
         student=student,
         teachers=teachers,
-        input_size=data.input_size,
+        facts=facts,
         student_taps=cfg.student.taps or None,
-        teacher_taps=[tc.taps or None for tc in cfg.teachers] if any(tc.taps for tc in cfg.teachers) else None,
-        **options,
+        teacher_taps=[tc.taps or None for tc in cfg.teachers],
+        options=parse_method_options(cfg.method.name, cfg.method.options, "method.options"),
     )
     distiller = Distiller(student, teachers, method, teacher_inputs)
     augment = BatchAugment(data.mean, data.std, padding=4 if cfg.data.augment else 0, flip=cfg.data.augment)

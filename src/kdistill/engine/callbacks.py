@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import time
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -13,6 +11,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from kdistill.checkpoint import DAMAGED_FILE_ERRORS, CheckpointError, unpickling_error
+from kdistill.files import atomic_write
 
 
 class Throughput(L.Callback):
@@ -52,22 +51,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     kill or a full disk never leaves a truncated checkpoint where the previous good one was."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as fh:
-                torch.save(checkpoint, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise OSError(exc.errno, f"{exc.strerror or exc} while writing checkpoint; the previous "
-                          "checkpoint at this path is kept", str(path)) from exc
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp), what="checkpoint")
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         # our own training checkpoints hold only tensors, numbers, strings and containers

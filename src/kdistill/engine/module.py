@@ -21,12 +21,11 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from kdistill.config import Config
 from kdistill.data import BatchAugment
-from kdistill.distiller import Distiller
 from kdistill.engine.allocator import keep_freed_memory
 from kdistill.engine.schedule import lr_factor
-from kdistill.engine.teacher_cache import TeacherCache
-from kdistill.methods.adversarial import OwnOptimizerStep
+from kdistill.engine.teacher_cache import CachedTeachers, TeacherCache
 from kdistill.methods.base import Batch, StepInfo
+from kdistill.step import Distiller, OwnOptimizerStep, sum_losses
 
 
 class NonFiniteLossError(RuntimeError):
@@ -82,7 +81,9 @@ class DistillModule(L.LightningModule):
         self.cfg = cfg
         self.distiller = distiller
         self.augment = augment
-        self.teacher_cache = teacher_cache  # cached teacher logits of K views per image (issue 6)
+        self.teacher_cache = teacher_cache  # cached teacher logits of K views per image
+        # where the training step's teacher outputs come from: the cache, or (None) the live pass
+        self.teacher_source = CachedTeachers(teacher_cache, augment) if teacher_cache is not None else None
         self.num_classes = num_classes
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
@@ -180,19 +181,14 @@ class DistillModule(L.LightningModule):
         if self.own is not None and self.own.optimizer is not None:
             self.own.sync_lr(self.optimizers().optimizer)
             own_step = self.own.separate_step
-        teacher_outputs = None
-        if self.teacher_cache is not None:
-            # one cached view per sample decides both the student's crop/flip and the teacher logits
-            selected = self.distiller.method.select_teachers(info)
-            batch, teacher_outputs = self.teacher_cache.training_batch(batch, self.augment, selected)
-        logits, losses = self.distiller.forward_train(batch, info, teacher_outputs=teacher_outputs, own_step=own_step)
+        logits, losses = self.distiller.forward_train(batch, info, teachers=self.teacher_source, own_step=own_step)
         for name, value in losses.items():
             if not torch.isfinite(value).all():
                 raise NonFiniteLossError(
                     f"loss term {name!r} is {value.item()} at epoch {self.current_epoch}, step {self.global_step}; "
                     "training stopped, the last good checkpoint is kept"
                 )
-        total = torch.stack([v.float() for v in losses.values()]).sum()
+        total = sum_losses(losses)
         bs = len(batch.targets)
         for name, value in losses.items():
             self.log(f"train/{name}", value.detach(), batch_size=bs)

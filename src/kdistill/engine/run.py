@@ -21,6 +21,7 @@ from kdistill.data import DataBundle, ImageTensors, make_loader
 from kdistill.engine.build import Built, build_run, load_data
 from kdistill.engine.callbacks import AtomicCheckpointIO, Throughput
 from kdistill.engine.module import DistillModule
+from kdistill.files import atomic_write
 from kdistill.models import create_model
 from kdistill.utils import ConfigError
 
@@ -277,9 +278,7 @@ def evaluate(path: str | Path, cfg: Config | None = None) -> dict[str, float]:
     """Evaluate a run / export / checkpoint on the validation split of its recipe's data."""
     model, card = load_from_run(path)
     if cfg is None:
-        from kdistill.config import _build
-
-        cfg = _build(Config, card["recipe"])
+        cfg = Config.from_dict(card["recipe"])
     data = load_data(cfg)
     if data.num_classes != card["num_classes"]:
         raise ConfigError(f"the model has {card['num_classes']} classes but the data set has {data.num_classes}")
@@ -295,9 +294,8 @@ def export(path: str | Path, out: str | Path, onnx: bool = False) -> list[Path]:
         onnx_path = out.with_suffix(".onnx")
         dummy = torch.zeros(1, *card["input_size"])
         model.eval()
-        tmp = onnx_path.with_name(f".{onnx_path.name}.tmp")
-        torch.onnx.export(model, (dummy,), str(tmp), input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-        os.replace(tmp, onnx_path)
+        atomic_write(onnx_path, lambda tmp: torch.onnx.export(
+            model, (dummy,), str(tmp), input_names=["images"], output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False))
         written.append(onnx_path)
     return written

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,8 +31,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from kdistill.data import BatchAugment, ImageTensors
-from kdistill.distiller import Distiller
+from kdistill.files import atomic_write, atomic_write_json
 from kdistill.methods.base import Batch, ModelOutput
+from kdistill.step import Distiller
 from kdistill.utils import ConfigError, unknown_name_error
 
 FORMAT = "kdistill-teacher-cache/1"
@@ -154,6 +154,19 @@ class TeacherCache:
         return Batch(images, batch.targets, batch.index), outputs
 
 
+class CachedTeachers:
+    """A ``TeacherSource`` (``kdistill.step``) reading a ``TeacherCache``: batches arrive as uint8
+    images with their indices; each sample draws one cached view, the student trains on exactly
+    that view (augmented and normalised here) and the method gets that view's cached logits."""
+
+    def __init__(self, cache: TeacherCache, augment: BatchAugment):
+        self.cache = cache
+        self.augment = augment
+
+    def __call__(self, batch: Batch, selected: Sequence[int]) -> tuple[Batch, list[ModelOutput]]:
+        return self.cache.training_batch(batch, self.augment, selected)
+
+
 def _check_usable(distiller: Distiller) -> None:
     if distiller.needs_teacher_features:
         raise TeacherCacheError(
@@ -246,12 +259,8 @@ def build_teacher_cache(
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).unlink(missing_ok=True)  # an interrupted rebuild must not look complete
-    tmp = folder / ".tensors.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, folder / "tensors.safetensors")
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, folder / MANIFEST)
+    atomic_write(folder / "tensors.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write_json(folder / MANIFEST, manifest)
     return _from_tensors(manifest, tensors)
 
 

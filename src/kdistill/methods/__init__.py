@@ -6,12 +6,15 @@ import pkgutil
 from kdistill.methods.base import (
     Batch,
     Method,
+    MethodOptions,
     ModelOutput,
+    RunFacts,
     StepInfo,
     build_method,
     list_methods,
     method_class,
     method_options,
+    parse_method_options,
     register_method,
 )
 
@@ -22,11 +25,14 @@ for _info in pkgutil.iter_modules(__path__):
 __all__ = [
     "Batch",
     "Method",
+    "MethodOptions",
     "ModelOutput",
+    "RunFacts",
     "StepInfo",
     "build_method",
     "list_methods",
     "method_class",
     "method_options",
+    "parse_method_options",
     "register_method",
 ]

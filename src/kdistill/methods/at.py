@@ -3,13 +3,37 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from kdistill.features import TappedModel
 from kdistill.losses import at_loss
-from kdistill.methods.base import Batch, Method, ModelOutput, StepInfo, check_weight, register_method
-from kdistill.utils import ConfigError
+from kdistill.methods.base import (
+    Batch,
+    Method,
+    MethodOptions,
+    ModelOutput,
+    StepInfo,
+    check_positive,
+    check_weight,
+    register_method,
+)
+
+
+@dataclass
+class ATOptions(MethodOptions):
+    """β=1000, p=2 (the benchmark's)."""
+
+    ce_weight: float = 1.0
+    feat_weight: float = 1000.0
+    p: float = 2.0
+
+    def check(self) -> None:
+        check_positive("p", self.p)
+        check_weight("ce_weight", self.ce_weight)
+        check_weight("feat_weight", self.feat_weight)
 
 
 @register_method
@@ -17,26 +41,15 @@ class AT(Method):
     """All post-ReLU stage outputs (``feat[1:-1]``), paired shallow to deep; β=1000, p=2."""
 
     name = "at"
-    uses_teacher_logits = False
+    Options = ATOptions
+    options: ATOptions
 
-    def __init__(
-        self,
-        student: nn.Module,
-        teachers: Sequence[nn.Module],
-        *,
-        ce_weight: float = 1.0,
-        feat_weight: float = 1000.0,
-        p: float = 2.0,
-        **common,
-    ):
-        super().__init__(student, teachers, **common)
-        self.require_one_teacher(teachers)
-        if not p > 0:
-            raise ConfigError(f"p must be > 0, got {p}")
-        self.ce_weight = check_weight("ce_weight", ce_weight)
-        self.feat_weight = check_weight("feat_weight", feat_weight)
-        self.p = float(p)
-        self.pair_all_stages(student, teachers[0])
+    def build(self, student: TappedModel, teachers: list[TappedModel]) -> None:
+        self.require_one_teacher()
+        self.ce_weight = float(self.options.ce_weight)
+        self.feat_weight = float(self.options.feat_weight)
+        self.p = float(self.options.p)
+        self.pair_all_stages()
 
     def forward(
         self, batch: Batch, student: ModelOutput, teachers: Sequence[ModelOutput], info: StepInfo

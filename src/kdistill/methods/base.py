@@ -1,21 +1,34 @@
 """The method interface (mdistiller style: one small class per method, one file each).
 
-A ``Method`` owns only what it trains (adapters, ABFs, discriminators). The ``Distiller`` runs
-the student with taps, the chosen teachers in eval and inference mode with taps, and calls the
-method, which returns a dict of *weighted* named losses; the engine sums and logs the dict.
+A method is three things, all declared in its own file:
+
+* ``Options``: a dataclass of its typed options with their defaults (``MethodOptions``); the
+  configuration coerces ``method.options`` into it before anything is built, and ``check()``
+  rejects out-of-range values. A variant with other defaults is a subclass with other defaults.
+* ``build(student, teachers)``: runs once; declares the features the method needs
+  (``student_features`` / ``teacher_features`` keys, ``*_preact``), sizes its own modules (adapters,
+  ABFs, discriminators) by probing the networks, and reads what the run knows from ``self.facts``
+  (``RunFacts``: input size, number of training samples, classes, epochs).
+* ``forward(batch, student, teachers, info) -> dict[str, Tensor]``: the *weighted* named losses of
+  one step, from the student's and each teacher's ``ModelOutput`` (logits and the declared features).
+
+A method owns only what it trains. It never runs a network, resolves a tap or steps an optimizer:
+the training step (``kdistill.step``) records each network's features, picks the teacher outputs
+from a source (live pass or cache) and drives the optimizers.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from kdistill.features import probe_shapes, stage_taps
+from kdistill.features import TappedModel
+from kdistill.typed import build_dataclass
 from kdistill.utils import ConfigError, unknown_name_error
 
 
@@ -45,134 +58,157 @@ class StepInfo:
     max_epochs: int = 1
 
 
+@dataclass(frozen=True)
+class RunFacts:
+    """What the run knows before training that a method may need to size itself.
+
+    ``input_size`` C×H×W of one image; ``num_samples`` training-set size (CRD's memory bank has one
+    row per sample); ``num_classes``; ``max_epochs``. ``None`` means unknown (e.g. your own loop).
+    """
+
+    input_size: tuple[int, int, int] = (3, 32, 32)
+    num_samples: int | None = None
+    num_classes: int | None = None
+    max_epochs: int | None = None
+
+
+def check_weight(name: str, value: float) -> float:
+    """Loss weights and temperatures must be finite and non-negative."""
+    if not (value >= 0 and value != float("inf")):
+        raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+    return float(value)
+
+
+def check_positive(name: str, value: float) -> float:
+    """Temperatures and similar: strictly positive."""
+    if not value > 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+    return float(value)
+
+
+def check_choice(name: str, value: str, allowed: Sequence[str]) -> str:
+    """One of ``allowed``; a ConfigError lists them with close matches."""
+    if value not in allowed:
+        raise unknown_name_error(name, value, allowed)
+    return value
+
+
+@dataclass
+class MethodOptions:
+    """Base of every method's options: a dataclass whose fields are the options and their defaults.
+
+    ``check()`` runs on construction and rejects out-of-range values of single options (checks that
+    need the networks belong in ``Method.build``).
+    """
+
+    def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise ConfigError for an out-of-range option (override in a method's options)."""
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None, method: str, where: str = "") -> MethodOptions:
+        """Coerce ``values`` (YAML or keyword values) into these options; ``where`` is the config path
+        (``method.options``) used in error messages. Unknown keys list the allowed ones."""
+
+        def unknown(key: str, allowed: Sequence[str]) -> ConfigError:
+            at = f" ({where}.{key})" if where else ""
+            return unknown_name_error(f"option of method {method!r}{at}", key, allowed)
+
+        return build_dataclass(cls, dict(values or {}), where, unknown=unknown)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every option with its default."""
+        return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                for f in dataclasses.fields(cls)}
+
+
 class Method(nn.Module):
-    """Base class of all distillation methods.
-
-    Subclasses set, in ``__init__``, which features they need by stage-preset key
-    (``"stem"``, ``"stage1"``..., ``"pooled"``) or by custom key given through ``*_taps``:
-
-    * ``self.student_features`` / ``self.teacher_features``: keys to record;
-    * ``self.student_preact`` / ``self.teacher_preact``: pre-ReLU variants of the presets.
-
-    and implement ``forward(batch, student, teachers, info) -> dict[str, Tensor]``.
+    """Base class of all distillation methods (see the module docstring).
 
     **Own optimizer protocol** (for modules that must not follow the student's optimizer, such as
     MEAL's discriminators; every method that does not override it trains everything with the student):
 
-    * ``own_parameters()``: parameters excluded from the main optimizer (``Distiller.trainable_parameters``
-      leaves them out); default none.
-    * ``configure_own_optimizer()``: the optimizer over exactly those parameters (built once per run by
-      whoever drives training); default ``None``.
+    * ``own_parameters()``: parameters excluded from the main optimizer; default none.
+    * ``configure_own_optimizer()``: the optimizer over exactly those parameters; default ``None``.
     * ``own_lr(main_lr, main_base_lr)``: the learning rate for every group of the own optimizer given
       the main optimizer's current and initial lr; called before each step; ``None`` leaves it alone.
-      The student's schedule never writes the own optimizer's lr; only this hook does.
     * ``own_step_losses(batch, student, teachers, info)``: with ``student`` detached; a dict of losses
-      means "separate step": the driver minimises their sum with the own optimizer *before* the method's
+      means "separate step": the step minimises their sum with the own optimizer *before* the method's
       ``forward`` (so the main losses see the updated modules). ``None`` (default) means "joint step":
-      the own optimizer steps on the gradients the main loss's backward left on its parameters, right
-      when the main optimizer steps. Either way the driver zeroes the own gradients after its step.
+      the own optimizer steps on the gradients the main loss's backward left on its parameters.
 
-    ``kdistill.methods.adversarial.OwnOptimizerStep`` implements the driver side and ``train_step``
-    is the framework-free reference loop; ``Distiller.forward_train(..., own_step=...)`` runs the
-    separate step between the student forward and the method.
+    ``kdistill.step.OwnOptimizerStep`` drives this protocol and ``kdistill.step.train_step`` is the
+    framework-free reference training step.
     """
 
     name: ClassVar[str] = ""
-    uses_teacher_logits: ClassVar[bool] = True
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
 
     def __init__(
         self,
-        student: nn.Module,
-        teachers: Sequence[nn.Module],
-        input_size: tuple[int, int, int] = (3, 32, 32),
-        student_taps: dict[str, str] | None = None,
-        teacher_taps: dict[str, str] | Sequence[dict[str, str] | None] | None = None,
+        student: TappedModel | nn.Module,
+        teachers: Sequence[TappedModel | nn.Module] = (),
+        options: MethodOptions | None = None,
+        facts: RunFacts | None = None,
     ):
         super().__init__()
-        self.input_size = tuple(input_size)
-        self.num_teachers = len(teachers)
+        options = self.Options() if options is None else options
+        if type(options) is not self.Options:
+            raise TypeError(f"{self.name} takes {self.Options.__name__}, got {type(options).__name__}")
+        self.options = options
+        self.facts = facts or RunFacts()
+        self.student_net = student if isinstance(student, TappedModel) else TappedModel(student)
+        self.teacher_nets = [t if isinstance(t, TappedModel) else TappedModel(t) for t in teachers]
+        self.num_teachers = len(self.teacher_nets)
         self.student_features: list[str] = []
         self.teacher_features: list[str] = []
         self.student_preact = False
         self.teacher_preact = False
-        self._student_taps_override = dict(student_taps or {})
-        # one tap override per teacher: a dict applies to every teacher, a list gives each its own
-        # (a pool of different architectures names its features differently)
-        if isinstance(teacher_taps, Sequence) and not isinstance(teacher_taps, str | dict):
-            if len(teacher_taps) != len(teachers):
-                raise ConfigError(f"teacher_taps lists {len(teacher_taps)} entries for {len(teachers)} teachers")
-            per_teacher = [dict(t or {}) for t in teacher_taps]
-        else:
-            per_teacher = [dict(teacher_taps or {}) for _ in teachers]
-        self._teacher_overrides = per_teacher
-        self._teacher_index = {id(t): i for i, t in enumerate(teachers)}
+        self.build(self.student_net, self.teacher_nets)
 
-    def require_one_teacher(self, teachers: Sequence[nn.Module]) -> None:
+    def build(self, student: TappedModel, teachers: list[TappedModel]) -> None:
+        """Declare features and create the method's modules (``self.options`` and ``self.facts`` are set)."""
+
+    # --- helpers for build() ------------------------------------------------------------------
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """C×H×W of one input image (``self.facts.input_size``)."""
+        return tuple(self.facts.input_size)  # type: ignore[return-value]
+
+    def require_one_teacher(self) -> None:
         """Methods that compare one student with one teacher reject pools (ConfigError)."""
-        if len(teachers) != 1:
-            raise ConfigError(f"{self.name} needs exactly one teacher, got {len(teachers)}")
+        if self.num_teachers != 1:
+            raise ConfigError(f"{self.name} needs exactly one teacher, got {self.num_teachers}")
 
-    def pair_all_stages(self, student: nn.Module, teacher: nn.Module) -> None:
+    def pair_all_stages(self) -> None:
         """Record every stage of both networks, paired shallow to deep (AT, NST); ConfigError if the counts differ."""
-        self.student_features = self.available_stages(student, teacher=False)
-        self.teacher_features = self.available_stages(teacher, teacher=True)
+        self.student_features = self.student_net.stages()
+        self.teacher_features = self.teacher_nets[0].stages()
         if not self.student_features or len(self.student_features) != len(self.teacher_features):
             raise ConfigError(
                 f"{self.name} pairs stages one to one, but the student has {self.student_features} and the teacher "
                 f"{self.teacher_features}; give matching student_taps/teacher_taps"
             )
 
-    # --- features ---------------------------------------------------------------------------
-    def _taps_for(self, model: nn.Module, keys: Sequence[str], preact: bool, override: dict[str, str]) -> dict[str, str]:
-        if not keys:
-            return {}
-        preset: dict[str, str] = {}
-        if any(k not in override for k in keys):
-            try:
-                preset = dict(stage_taps(model, preact))
-            except ConfigError:
-                if not override:
-                    raise
-        merged = {**preset, **override}
-        missing = [k for k in keys if k not in merged]
-        if missing:
-            raise ConfigError(f"{self.name}: features {missing} not available; known: {sorted(merged)}")
-        return {k: merged[k] for k in keys}
+    def probe(self, net: TappedModel, keys: Sequence[str], preact: bool = False) -> dict[str, torch.Size]:
+        """Shapes of ``keys`` on ``net`` from a dry run (to size adapters and fusion modules)."""
+        return net.probe(keys, preact, self.input_size, who=self.name)
 
-    def student_taps(self, student: nn.Module) -> dict[str, str]:
-        """Tap specs the student is recorded with."""
-        return self._taps_for(student, self.student_features, self.student_preact, self._student_taps_override)
+    # --- what the step records ----------------------------------------------------------------
+    def student_taps(self) -> dict[str, str]:
+        """Tap specs of the declared student features."""
+        return self.student_net.tap_specs(self.student_features, self.student_preact, who=self.name)
 
-    def teacher_taps(self, teacher: nn.Module) -> dict[str, str]:
-        """Tap specs each teacher is recorded with."""
-        return self._taps_for(teacher, self.teacher_features, self.teacher_preact, self._teacher_override(teacher))
-
-    def _teacher_override(self, teacher: nn.Module) -> dict[str, str]:
-        """The ``teacher_taps`` override of this teacher (by identity; the first one's for other modules)."""
-        if not self._teacher_overrides:
-            return {}
-        return self._teacher_overrides[self._teacher_index.get(id(teacher), 0)]
-
-    def available_stages(self, model: nn.Module, teacher: bool, preact: bool = False) -> list[str]:
-        """The ``stageK`` keys ``model`` offers (its preset merged with the ``*_taps`` override), shallow to deep."""
-        override = self._teacher_override(model) if teacher else self._student_taps_override
-        try:
-            preset = dict(stage_taps(model, preact))
-        except ConfigError:
-            if not override:
-                raise
-            preset = {}
-        keys = [k for k in {**preset, **override} if k.startswith("stage")]
-        return sorted(keys, key=lambda k: (0, int(k[5:])) if k[5:].isdigit() else (1, k))
-
-    def probe(self, model: nn.Module, keys: Sequence[str], preact: bool, teacher: bool) -> dict[str, torch.Size]:
-        """Shapes of ``keys`` on ``model`` from a dry run (to size adapters and fusion modules)."""
-        override = self._teacher_override(model) if teacher else self._student_taps_override
-        return probe_shapes(model, self._taps_for(model, keys, preact, override), self.input_size)
+    def teacher_taps(self, index: int) -> dict[str, str]:
+        """Tap specs of the declared teacher features on teacher ``index`` (its own taps and preset)."""
+        return self.teacher_nets[index].tap_specs(self.teacher_features, self.teacher_preact, who=self.name)
 
     # --- training ---------------------------------------------------------------------------
     def select_teachers(self, info: StepInfo) -> list[int]:
-        """Indices of the teachers to run this step (all by default; MEAL v1 picks one)."""
+        """Indices of the teachers this step needs (all by default; MEAL v1 picks one, CE none)."""
         return list(range(self.num_teachers))
 
     # --- own optimizer protocol (see the class docstring) -------------------------------------
@@ -200,7 +236,6 @@ class Method(nn.Module):
         raise NotImplementedError
 
 
-MethodFactory = Callable[..., Method]
 _METHODS: dict[str, type[Method]] = {}
 
 
@@ -208,6 +243,8 @@ def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator: make ``cls`` buildable by ``build_method(cls.name, ...)``."""
     if not cls.name or cls.name in _METHODS:
         raise RuntimeError(f"method name {cls.name!r} missing or registered twice")
+    if not (dataclasses.is_dataclass(cls.Options) and issubclass(cls.Options, MethodOptions)):
+        raise RuntimeError(f"method {cls.name!r}: Options must be a dataclass deriving from MethodOptions")
     _METHODS[cls.name] = cls
     return cls
 
@@ -225,31 +262,58 @@ def method_class(name: str) -> type[Method]:
 
 
 def method_options(name: str) -> dict[str, Any]:
-    """The keyword options of a method and their defaults (used to validate recipes)."""
-    sig = inspect.signature(method_class(name).__init__)
-    skip = {"self", "student", "teachers", "input_size", "student_taps", "teacher_taps"}
-    return {
-        p.name: (None if p.default is inspect.Parameter.empty else p.default)
-        for p in sig.parameters.values()
-        if p.name not in skip and p.kind is p.KEYWORD_ONLY
-    }
+    """The options of a method and their defaults."""
+    return method_class(name).Options.defaults()
+
+
+def parse_method_options(name: str, values: Mapping[str, Any] | None, where: str = "") -> MethodOptions:
+    """The typed options of method ``name`` from a mapping: the one check of option names, types and
+    ranges, used by the configuration (``where="method.options"``) and by ``build_method``."""
+    return method_class(name).Options.from_mapping(values, name, where)
+
+
+def tapped_networks(
+    student: nn.Module,
+    teachers: Sequence[nn.Module],
+    student_taps: Mapping[str, str] | None = None,
+    teacher_taps: Mapping[str, str] | Sequence[Mapping[str, str] | None] | None = None,
+) -> tuple[TappedModel, list[TappedModel]]:
+    """The student and each teacher with its own named taps: a mapping applies to every teacher, a
+    list gives each its own (a pool of different architectures names its features differently)."""
+    if isinstance(teacher_taps, Sequence) and not isinstance(teacher_taps, str):
+        if len(teacher_taps) != len(teachers):
+            raise ConfigError(f"teacher_taps lists {len(teacher_taps)} entries for {len(teachers)} teachers")
+        per_teacher = list(teacher_taps)
+    else:
+        per_teacher = [teacher_taps] * len(teachers)
+    return TappedModel(student, student_taps), [TappedModel(t, o) for t, o in zip(teachers, per_teacher, strict=True)]
 
 
 def build_method(
-    name: str, student: nn.Module, teachers: Sequence[nn.Module] = (), **options: Any
+    name: str,
+    student: nn.Module,
+    teachers: Sequence[nn.Module] = (),
+    *,
+    input_size: tuple[int, int, int] | None = None,
+    facts: RunFacts | None = None,
+    student_taps: Mapping[str, str] | None = None,
+    teacher_taps: Mapping[str, str] | Sequence[Mapping[str, str] | None] | None = None,
+    options: MethodOptions | None = None,
+    **values: Any,
 ) -> Method:
-    """Build a method by name, e.g. ``build_method("kd", student=s, teachers=[t], temperature=4)``."""
+    """Build a method by name, e.g. ``build_method("kd", student=s, teachers=[t], temperature=4)``.
+
+    Options are keyword values (coerced and checked by the method's ``Options``) or a ready
+    ``options`` instance; ``input_size`` is a shortcut for ``facts=RunFacts(input_size=...)``.
+    """
     cls = method_class(name)
-    allowed = method_options(name)
-    common = {"input_size", "student_taps", "teacher_taps"}
-    for key in options:
-        if key not in allowed and key not in common:
-            raise unknown_name_error(f"option of method {name!r}", key, [*allowed, *common])
-    return cls(student, list(teachers), **options)
-
-
-def check_weight(name: str, value: float) -> float:
-    """Loss weights and temperatures must be finite and non-negative."""
-    if not (value >= 0 and value != float("inf")):
-        raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
-    return float(value)
+    if options is not None and values:
+        raise ConfigError(f"build_method({name!r}): give options either as an Options instance or as keywords")
+    if options is None:
+        options = parse_method_options(name, values)
+    if facts is None:
+        facts = RunFacts() if input_size is None else RunFacts(input_size=tuple(input_size))  # type: ignore[arg-type]
+    elif input_size is not None:
+        facts = dataclasses.replace(facts, input_size=tuple(input_size))
+    s_net, t_nets = tapped_networks(student, list(teachers), student_taps, teacher_taps)
+    return cls(s_net, t_nets, options, facts)

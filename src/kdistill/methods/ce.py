@@ -3,11 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from kdistill.methods.base import Batch, Method, ModelOutput, StepInfo, check_weight, register_method
+from kdistill.features import TappedModel
+from kdistill.methods.base import (
+    Batch,
+    Method,
+    MethodOptions,
+    ModelOutput,
+    StepInfo,
+    check_weight,
+    register_method,
+)
+
+
+@dataclass
+class CEOptions(MethodOptions):
+    """Weight of the cross-entropy and its label smoothing."""
+
+    ce_weight: float = 1.0
+    label_smoothing: float = 0.0
+
+    def check(self) -> None:
+        check_weight("ce_weight", self.ce_weight)
 
 
 @register_method
@@ -15,20 +36,12 @@ class CE(Method):
     """Cross-entropy with optional label smoothing; needs no teacher."""
 
     name = "ce"
-    uses_teacher_logits = False
+    Options = CEOptions
+    options: CEOptions
 
-    def __init__(
-        self,
-        student: nn.Module,
-        teachers: Sequence[nn.Module],
-        *,
-        ce_weight: float = 1.0,
-        label_smoothing: float = 0.0,
-        **common,
-    ):
-        super().__init__(student, teachers, **common)
-        self.ce_weight = check_weight("ce_weight", ce_weight)
-        self.label_smoothing = label_smoothing
+    def build(self, student: TappedModel, teachers: list[TappedModel]) -> None:
+        self.ce_weight = float(self.options.ce_weight)
+        self.label_smoothing = self.options.label_smoothing
 
     def select_teachers(self, info: StepInfo) -> list[int]:
         return []

@@ -1,61 +1,92 @@
 """CRD and CRD+KD (Tian et al., arXiv 1910.10699): γ·CE + α·KD + β·CRD, baselines spec §2.7, §2.12.
 
-One class; ``crd`` (α=0) and ``crd_kd`` (α=1, T=4) differ only in the default ``kd_weight``.
+``crd_kd`` (α=1, T=4) is ``crd`` (α=0) with another default ``kd_weight``: a subclass of its options.
 The embedding heads are sized from the pooled widths of the two models (spec §8 #2).
 
-``num_samples`` (required) is the training-set size: the memory bank has one row per sample and
-``batch.index`` must hold dataset row indices in ``[0, num_samples)``. The kdistill engine fills
-``num_samples`` with ``len(train set)`` and its data loader yields the indices; in your own loop,
-pass both yourself.
+``num_samples`` is the training-set size: the memory bank has one row per sample and
+``batch.index`` must hold dataset row indices in ``[0, num_samples)``. The kdistill engine passes
+``len(train set)`` as ``RunFacts.num_samples`` and its data loader yields the indices; in your own
+loop, pass ``num_samples`` (an option) or ``facts`` and the indices yourself.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from kdistill.features import TappedModel
 from kdistill.losses import CRDLoss, kd_loss
 from kdistill.losses.crd import SAMPLING_MODES
-from kdistill.methods.base import Batch, Method, ModelOutput, StepInfo, check_weight, register_method
+from kdistill.methods.base import (
+    Batch,
+    Method,
+    MethodOptions,
+    ModelOutput,
+    StepInfo,
+    check_weight,
+    register_method,
+)
 from kdistill.utils import ConfigError
+
+
+@dataclass
+class CRDOptions(MethodOptions):
+    """CRD on the pooled vectors; defaults are the CIFAR-100 benchmark's (§2.7 item 8).
+
+    Options: ``num_samples`` (training-set size; default: the run's, ``RunFacts.num_samples``),
+    ``num_negatives`` K (16384, clipped to ``num_samples - 1`` with a warning), ``temperature`` τ
+    (0.07), ``momentum`` of the memory update (0.5), ``feat_dim`` (128), ``sampling`` (``"fast"``:
+    on-device, with replacement; ``"exact"``: without replacement as the reference), ``ce_weight``
+    γ (1), ``crd_weight`` β (0.8), ``kd_weight`` α (0 here, 1 for ``crd_kd``) and ``kd_temperature`` (4).
+    """
+
+    num_samples: int | None = None
+    num_negatives: int = 16384
+    temperature: float = 0.07
+    momentum: float = 0.5
+    feat_dim: int = 128
+    sampling: str = "fast"
+    ce_weight: float = 1.0
+    crd_weight: float = 0.8
+    kd_weight: float = 0.0
+    kd_temperature: float = 4.0
+
+    def check(self) -> None:
+        if self.num_samples is not None and int(self.num_samples) < 2:
+            raise ConfigError(f"crd: num_samples must be >= 2, got {self.num_samples}")
+        if int(self.num_negatives) < 1:
+            raise ConfigError(f"crd: num_negatives must be >= 1, got {self.num_negatives}")
+        if not self.temperature > 0:
+            raise ConfigError(f"crd: temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"crd: momentum must be in [0, 1), got {self.momentum}")
+        if int(self.feat_dim) < 1:
+            raise ConfigError(f"crd: feat_dim must be >= 1, got {self.feat_dim}")
+        if self.sampling not in SAMPLING_MODES:
+            raise ConfigError(f"crd: sampling must be one of {list(SAMPLING_MODES)}, got {self.sampling!r}")
+        if not self.kd_temperature > 0:
+            raise ConfigError(f"crd: kd_temperature must be > 0, got {self.kd_temperature}")
+        for name in ("ce_weight", "crd_weight", "kd_weight"):
+            check_weight(name, getattr(self, name))
 
 
 @register_method
 class CRD(Method):
-    """CRD on the pooled vectors; defaults are the CIFAR-100 benchmark's (§2.7 item 8).
-
-    Options: ``num_samples`` (training-set size, required), ``num_negatives`` K (16384, clipped to
-    ``num_samples - 1`` with a warning), ``temperature`` τ (0.07), ``momentum`` of the memory update
-    (0.5), ``feat_dim`` (128), ``sampling`` (``"fast"``: on-device, with replacement; ``"exact"``:
-    without replacement as the reference), ``ce_weight`` γ (1), ``crd_weight`` β (0.8),
-    ``kd_weight`` α (0 here, 1 for ``crd_kd``) and ``kd_temperature`` (4).
-    """
+    """Contrastive representation distillation with a memory bank of one row per training sample."""
 
     name = "crd"
+    Options = CRDOptions
+    options: CRDOptions
 
-    def __init__(
-        self,
-        student: nn.Module,
-        teachers: Sequence[nn.Module],
-        *,
-        num_samples: int | None = None,
-        num_negatives: int = 16384,
-        temperature: float = 0.07,
-        momentum: float = 0.5,
-        feat_dim: int = 128,
-        sampling: str = "fast",
-        ce_weight: float = 1.0,
-        crd_weight: float = 0.8,
-        kd_weight: float = 0.0,
-        kd_temperature: float = 4.0,
-        **common,
-    ):
-        super().__init__(student, teachers, **common)
-        self.require_one_teacher(teachers)
+    def build(self, student: TappedModel, teachers: list[TappedModel]) -> None:
+        self.require_one_teacher()
+        o = self.options
+        num_samples = o.num_samples if o.num_samples is not None else self.facts.num_samples
         if num_samples is None:
             raise ConfigError(
                 f"{self.name} needs num_samples, the training-set size (its memory bank has one row per "
@@ -63,35 +94,25 @@ class CRD(Method):
             )
         if int(num_samples) < 2:
             raise ConfigError(f"{self.name}: num_samples must be >= 2, got {num_samples}")
-        if int(num_negatives) < 1:
-            raise ConfigError(f"{self.name}: num_negatives must be >= 1, got {num_negatives}")
-        if int(num_negatives) > int(num_samples) - 1:
+        num_negatives = int(o.num_negatives)
+        if num_negatives > int(num_samples) - 1:
             warnings.warn(
                 f"{self.name}: num_negatives={num_negatives} exceeds the {int(num_samples) - 1} other samples "
                 f"of the training set; using {int(num_samples) - 1}",
                 stacklevel=2,
             )
             num_negatives = int(num_samples) - 1
-        if not temperature > 0:
-            raise ConfigError(f"{self.name}: temperature must be > 0, got {temperature}")
-        if not 0 <= momentum < 1:
-            raise ConfigError(f"{self.name}: momentum must be in [0, 1), got {momentum}")
-        if int(feat_dim) < 1:
-            raise ConfigError(f"{self.name}: feat_dim must be >= 1, got {feat_dim}")
-        if sampling not in SAMPLING_MODES:
-            raise ConfigError(f"{self.name}: sampling must be one of {list(SAMPLING_MODES)}, got {sampling!r}")
-        if not kd_temperature > 0:
-            raise ConfigError(f"{self.name}: kd_temperature must be > 0, got {kd_temperature}")
-        self.ce_weight = check_weight("ce_weight", ce_weight)
-        self.crd_weight = check_weight("crd_weight", crd_weight)
-        self.kd_weight = check_weight("kd_weight", kd_weight)
-        self.kd_temperature = float(kd_temperature)
+        self.ce_weight = float(o.ce_weight)
+        self.crd_weight = float(o.crd_weight)
+        self.kd_weight = float(o.kd_weight)
+        self.kd_temperature = float(o.kd_temperature)
         self.student_features = ["pooled"]
         self.teacher_features = ["pooled"]
-        s_dim = self.probe(student, ["pooled"], preact=False, teacher=False)["pooled"].numel()
-        t_dim = self.probe(teachers[0], ["pooled"], preact=False, teacher=True)["pooled"].numel()
+        s_dim = self.probe(student, ["pooled"])["pooled"].numel()
+        t_dim = self.probe(teachers[0], ["pooled"])["pooled"].numel()
         self.criterion = CRDLoss(
-            s_dim, t_dim, int(num_samples), int(feat_dim), int(num_negatives), float(temperature), float(momentum), sampling
+            s_dim, t_dim, int(num_samples), int(o.feat_dim), num_negatives, float(o.temperature), float(o.momentum),
+            o.sampling,
         )
 
     def forward(
@@ -122,41 +143,17 @@ class CRD(Method):
         return losses
 
 
-@register_method
-class CRDKD(CRD):
+@dataclass
+class CRDKDOptions(CRDOptions):
     """CRD+KD: the CRD-paper combination, γ=1, α=1 (T=4), β=0.8 (§2.12)."""
 
-    name = "crd_kd"
+    kd_weight: float = 1.0
 
-    def __init__(
-        self,
-        student: nn.Module,
-        teachers: Sequence[nn.Module],
-        *,
-        num_samples: int | None = None,
-        num_negatives: int = 16384,
-        temperature: float = 0.07,
-        momentum: float = 0.5,
-        feat_dim: int = 128,
-        sampling: str = "fast",
-        ce_weight: float = 1.0,
-        crd_weight: float = 0.8,
-        kd_weight: float = 1.0,
-        kd_temperature: float = 4.0,
-        **common,
-    ):
-        super().__init__(
-            student,
-            teachers,
-            num_samples=num_samples,
-            num_negatives=num_negatives,
-            temperature=temperature,
-            momentum=momentum,
-            feat_dim=feat_dim,
-            sampling=sampling,
-            ce_weight=ce_weight,
-            crd_weight=crd_weight,
-            kd_weight=kd_weight,
-            kd_temperature=kd_temperature,
-            **common,
-        )
+
+@register_method
+class CRDKD(CRD):
+    """CRD with the KD term switched on by default (``kd_weight`` 1)."""
+
+    name = "crd_kd"
+    Options = CRDKDOptions
+    options: CRDKDOptions

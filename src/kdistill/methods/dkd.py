@@ -3,47 +3,64 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from kdistill.features import TappedModel
 from kdistill.losses import dkd_loss
-from kdistill.methods.base import Batch, Method, ModelOutput, StepInfo, check_weight, register_method
+from kdistill.methods.base import (
+    Batch,
+    Method,
+    MethodOptions,
+    ModelOutput,
+    StepInfo,
+    check_positive,
+    check_weight,
+    register_method,
+)
 from kdistill.utils import ConfigError
 
 
-@register_method
-class DKD(Method):
+@dataclass
+class DKDOptions(MethodOptions):
     """Defaults are mdistiller's: CE weight 1, α 1, β 8, T 4, warm-up 20 epochs.
 
     The per-pair CIFAR-100 β (2 for resnet56/110 pairs, 6 for WRN/VGG pairs) is set in the recipes.
     """
 
-    name = "dkd"
+    ce_weight: float = 1.0
+    alpha: float = 1.0
+    beta: float = 8.0
+    temperature: float = 4.0
+    warmup_epochs: int = 20
 
-    def __init__(
-        self,
-        student: nn.Module,
-        teachers: Sequence[nn.Module],
-        *,
-        ce_weight: float = 1.0,
-        alpha: float = 1.0,
-        beta: float = 8.0,
-        temperature: float = 4.0,
-        warmup_epochs: int = 20,
-        **common,
-    ):
-        super().__init__(student, teachers, **common)
-        self.require_one_teacher(teachers)
-        if not temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature}")
-        if not (isinstance(warmup_epochs, int) and warmup_epochs >= 0):
-            raise ConfigError(f"warmup_epochs must be an integer >= 0, got {warmup_epochs!r}")
-        self.ce_weight = check_weight("ce_weight", ce_weight)
-        self.alpha = check_weight("alpha", alpha)
-        self.beta = check_weight("beta", beta)
-        self.temperature = float(temperature)
-        self.warmup_epochs = warmup_epochs
+    def check(self) -> None:
+        check_weight("ce_weight", self.ce_weight)
+        check_weight("alpha", self.alpha)
+        check_weight("beta", self.beta)
+        check_positive("temperature", self.temperature)
+        if not (isinstance(self.warmup_epochs, int) and self.warmup_epochs >= 0):
+            raise ConfigError(f"warmup_epochs must be an integer >= 0, got {self.warmup_epochs!r}")
+
+
+@register_method
+class DKD(Method):
+    """Target-class and non-target-class KD terms, the pair ramped up over ``warmup_epochs``."""
+
+    name = "dkd"
+    Options = DKDOptions
+    options: DKDOptions
+
+    def build(self, student: TappedModel, teachers: list[TappedModel]) -> None:
+        self.require_one_teacher()
+        o = self.options
+        self.ce_weight = float(o.ce_weight)
+        self.alpha = float(o.alpha)
+        self.beta = float(o.beta)
+        self.temperature = float(o.temperature)
+        self.warmup_epochs = o.warmup_epochs
 
     def warmup_factor(self, info: StepInfo) -> float:
         """min(e / warmup, 1) with the 1-indexed epoch e = ``info.epoch + 1`` (mdistiller convention)."""

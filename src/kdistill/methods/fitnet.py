@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdistill.features import TappedModel
 from kdistill.losses import fitnet_loss
-from kdistill.methods.base import Batch, Method, ModelOutput, StepInfo, check_weight, register_method
+from kdistill.methods.base import (
+    Batch,
+    Method,
+    MethodOptions,
+    ModelOutput,
+    StepInfo,
+    check_weight,
+    register_method,
+)
 from kdistill.utils import ConfigError
 
 
@@ -54,6 +64,21 @@ class ConvReg(nn.Module):
         return self.relu(self.bn(self.conv(x)))
 
 
+@dataclass
+class FitNetOptions(MethodOptions):
+    """β=100; the hint is stage ``hint_layer`` (0 = stem, k = stage k)."""
+
+    ce_weight: float = 1.0
+    feat_weight: float = 100.0
+    hint_layer: int = 2
+
+    def check(self) -> None:
+        if not (isinstance(self.hint_layer, int) and self.hint_layer >= 0):
+            raise ConfigError(f"hint_layer must be an integer >= 0 (0 = stem, k = stage k), got {self.hint_layer!r}")
+        check_weight("ce_weight", self.ce_weight)
+        check_weight("feat_weight", self.feat_weight)
+
+
 @register_method
 class FitNet(Method):
     """Hint = post-ReLU output of stage ``hint_layer`` (``feat[2]`` = ``stage2``: ``feat[0]`` is the stem).
@@ -63,29 +88,19 @@ class FitNet(Method):
     """
 
     name = "fitnet"
-    uses_teacher_logits = False
+    Options = FitNetOptions
+    options: FitNetOptions
 
-    def __init__(
-        self,
-        student: nn.Module,
-        teachers: Sequence[nn.Module],
-        *,
-        ce_weight: float = 1.0,
-        feat_weight: float = 100.0,
-        hint_layer: int = 2,
-        **common,
-    ):
-        super().__init__(student, teachers, **common)
-        self.require_one_teacher(teachers)
-        if not (isinstance(hint_layer, int) and hint_layer >= 0):
-            raise ConfigError(f"hint_layer must be an integer >= 0 (0 = stem, k = stage k), got {hint_layer!r}")
-        self.ce_weight = check_weight("ce_weight", ce_weight)
-        self.feat_weight = check_weight("feat_weight", feat_weight)
-        self.hint_key = "stem" if hint_layer == 0 else f"stage{hint_layer}"
+    def build(self, student: TappedModel, teachers: list[TappedModel]) -> None:
+        self.require_one_teacher()
+        o = self.options
+        self.ce_weight = float(o.ce_weight)
+        self.feat_weight = float(o.feat_weight)
+        self.hint_key = "stem" if o.hint_layer == 0 else f"stage{o.hint_layer}"
         self.student_features = [self.hint_key]
         self.teacher_features = [self.hint_key]
-        s_shape = self.probe(student, [self.hint_key], False, teacher=False)[self.hint_key]
-        t_shape = self.probe(teachers[0], [self.hint_key], False, teacher=True)[self.hint_key]
+        s_shape = self.probe(student, [self.hint_key])[self.hint_key]
+        t_shape = self.probe(teachers[0], [self.hint_key])[self.hint_key]
         try:
             self.regressor = ConvReg(s_shape, t_shape)
         except ValueError as err:

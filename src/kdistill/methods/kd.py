@@ -6,40 +6,55 @@ With several teachers the target is the mean of the teachers' temperature-soften
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from kdistill.features import TappedModel
 from kdistill.losses import kd_loss
-from kdistill.methods.base import Batch, Method, ModelOutput, StepInfo, check_weight, register_method
+from kdistill.methods.base import (
+    Batch,
+    Method,
+    MethodOptions,
+    ModelOutput,
+    StepInfo,
+    check_positive,
+    check_weight,
+    register_method,
+)
 from kdistill.utils import ConfigError
+
+
+@dataclass
+class KDOptions(MethodOptions):
+    """Defaults are the CIFAR-100 benchmark's: T=4, CE weight 0.1, KD weight 0.9."""
+
+    temperature: float = 4.0
+    ce_weight: float = 0.1
+    kd_weight: float = 0.9
+
+    def check(self) -> None:
+        check_positive("temperature", self.temperature)
+        check_weight("ce_weight", self.ce_weight)
+        check_weight("kd_weight", self.kd_weight)
 
 
 @register_method
 class KD(Method):
-    """Defaults are the CIFAR-100 benchmark's: T=4, CE weight 0.1, KD weight 0.9."""
+    """Softened teacher probabilities as targets (several teachers: their mean)."""
 
     name = "kd"
+    Options = KDOptions
+    options: KDOptions
 
-    def __init__(
-        self,
-        student: nn.Module,
-        teachers: Sequence[nn.Module],
-        *,
-        temperature: float = 4.0,
-        ce_weight: float = 0.1,
-        kd_weight: float = 0.9,
-        **common,
-    ):
-        super().__init__(student, teachers, **common)
+    def build(self, student: TappedModel, teachers: list[TappedModel]) -> None:
         if not teachers:
             raise ConfigError("kd needs at least one teacher")
-        if not temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
-        self.ce_weight = check_weight("ce_weight", ce_weight)
-        self.kd_weight = check_weight("kd_weight", kd_weight)
+        self.temperature = float(self.options.temperature)
+        self.ce_weight = float(self.options.ce_weight)
+        self.kd_weight = float(self.options.kd_weight)
 
     def forward(
         self, batch: Batch, student: ModelOutput, teachers: Sequence[ModelOutput], info: StepInfo

@@ -36,7 +36,6 @@ BatchNorm (the ``Distiller`` always keeps teachers in eval mode) and cached regi
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from kdistill.features import TappedModel
 from kdistill.losses.meal import (
     SIMILARITIES,
     SOFT_SIMILARITIES,
@@ -56,9 +56,18 @@ from kdistill.losses.meal import (
     similarity_loss,
 )
 from kdistill.methods.adversarial import grad_reverse
-from kdistill.methods.base import Batch, Method, ModelOutput, StepInfo, check_weight, register_method
+from kdistill.methods.base import (
+    Batch,
+    Method,
+    MethodOptions,
+    ModelOutput,
+    StepInfo,
+    check_choice,
+    check_weight,
+    register_method,
+)
 from kdistill.methods.discriminator import Discriminator
-from kdistill.utils import ConfigError, unknown_name_error
+from kdistill.utils import ConfigError
 
 SELECTIONS = ("random", "weighted", "average", "mean_logits")
 SELECTION_ALIASES = {"mean_probs": "average", "weighted_random": "weighted"}  # meal.md §5 names
@@ -77,12 +86,6 @@ class BlockVectors:
     target: Tensor
     disc_student: Tensor
     disc_teacher: Tensor
-
-
-def _choice(kind: str, value: str, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise unknown_name_error(kind, value, allowed)
-    return value
 
 
 def _per_block(name: str, values: Sequence[Any] | None, blocks: Sequence[str], default: Any) -> list[Any]:
@@ -111,89 +114,101 @@ def _gap(feature: Tensor) -> Tensor:
     return feature.float().flatten(2).mean(dim=2) if feature.dim() > 2 else feature.float()
 
 
+@dataclass
+class MEALOptions(MethodOptions):
+    """MEAL v1's options and defaults (meal.md §5, preset ``meal_v1_cifar_*``); see the module docstring."""
+
+    teacher_selection: str = "random"
+    teacher_weights: list[float] | None = None
+    seed: int = 0
+    blocks: tuple[str, ...] = ("logits",)
+    dims: list[int | None] | None = None
+    sim_weights: list[float] | None = None
+    adv_weights: list[float] | None = None
+    align: str = "meal_v1"
+    pool: str = "avg"
+    similarity: str = "soft_ce"
+    temperature: float = 1.0
+    hard_label_weight: float = 0.0
+    adversarial_mode: str = "cooperative"
+    adv_weight: float = 1.0
+    grl_lambda: float = 1.0
+    disc_teacher_input: str = "mean_logits"
+    disc_reduction: int = 2
+    disc_depth: int = 2
+    disc_outputs: int = 2
+    final_relu: bool = False
+    d_lr: float = 1e-3
+    d_momentum: float = 0.9
+    d_weight_decay: float = 5e-4
+    d_lr_schedule: str = "scaled"
+
+    def check(self) -> None:
+        check_choice("teacher_selection", self.teacher_selection, [*SELECTIONS, *SELECTION_ALIASES])
+        check_choice("adversarial_mode", self.adversarial_mode, MODES)
+        check_choice("align", self.align, ALIGNS)
+        check_choice("pool", self.pool, ("avg", "max"))
+        check_choice("similarity", self.similarity, SIMILARITIES)
+        check_choice("disc_teacher_input", self.disc_teacher_input, DISC_INPUTS)
+        check_choice("d_lr_schedule", self.d_lr_schedule, D_LR_SCHEDULES)
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        for name in ("hard_label_weight", "adv_weight", "grl_lambda", "d_lr", "d_momentum", "d_weight_decay"):
+            check_weight(name, getattr(self, name))
+
+
 @register_method
 class MEAL(Method):
     """MEAL v1 (meal.md §1; preset ``meal_v1_cifar_*`` of §5): random teacher, K=2 discriminators."""
 
     name = "meal_v1"
+    Options = MEALOptions
+    options: MEALOptions
 
-    def __init__(
-        self,
-        student: nn.Module,
-        teachers: Sequence[nn.Module],
-        *,
-        teacher_selection: str = "random",
-        teacher_weights: list[float] | None = None,
-        seed: int = 0,
-        blocks: Sequence[str] = ("logits",),
-        dims: list[int | None] | None = None,
-        sim_weights: list[float] | None = None,
-        adv_weights: list[float] | None = None,
-        align: str = "meal_v1",
-        pool: str = "avg",
-        similarity: str = "soft_ce",
-        temperature: float = 1.0,
-        hard_label_weight: float = 0.0,
-        adversarial_mode: str = "cooperative",
-        adv_weight: float = 1.0,
-        grl_lambda: float = 1.0,
-        disc_teacher_input: str = "mean_logits",
-        disc_reduction: int = 2,
-        disc_depth: int = 2,
-        disc_outputs: int = 2,
-        final_relu: bool = False,
-        d_lr: float = 1e-3,
-        d_momentum: float = 0.9,
-        d_weight_decay: float = 5e-4,
-        d_lr_schedule: str = "scaled",
-        **common: Any,
-    ):
-        super().__init__(student, teachers, **common)
+    def build(self, student: TappedModel, teachers: list[TappedModel]) -> None:
+        o = self.options
         if not teachers:
             raise ConfigError(f"{self.name} needs at least one teacher")
-        selection = SELECTION_ALIASES.get(teacher_selection, teacher_selection)
-        self.selection = _choice("teacher_selection", selection, [*SELECTIONS, *SELECTION_ALIASES])
-        self.mode = _choice("adversarial_mode", adversarial_mode, MODES)
-        self.align = _choice("align", align, ALIGNS)
-        self.pool = _choice("pool", pool, ("avg", "max"))
-        self.similarity = _choice("similarity", similarity, SIMILARITIES)
-        self.disc_teacher_input = _choice("disc_teacher_input", disc_teacher_input, DISC_INPUTS)
-        self.d_lr_schedule = _choice("d_lr_schedule", d_lr_schedule, D_LR_SCHEDULES)
-        if not temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature}")
-        self.temperature = float(temperature)
-        self.hard_label_weight = check_weight("hard_label_weight", hard_label_weight)
-        self.adv_weight = check_weight("adv_weight", adv_weight)
-        self.grl_lambda = check_weight("grl_lambda", grl_lambda)
-        self.d_lr = check_weight("d_lr", d_lr)
-        self.d_momentum = check_weight("d_momentum", d_momentum)
-        self.d_weight_decay = check_weight("d_weight_decay", d_weight_decay)
-        self.register_buffer("_weights", self._teacher_weights(teacher_weights), persistent=False)
+        self.selection = SELECTION_ALIASES.get(o.teacher_selection, o.teacher_selection)
+        self.mode = o.adversarial_mode
+        self.align = o.align
+        self.pool = o.pool
+        self.similarity = o.similarity
+        self.disc_teacher_input = o.disc_teacher_input
+        self.d_lr_schedule = o.d_lr_schedule
+        self.temperature = float(o.temperature)
+        self.hard_label_weight = float(o.hard_label_weight)
+        self.adv_weight = float(o.adv_weight)
+        self.grl_lambda = float(o.grl_lambda)
+        self.d_lr = float(o.d_lr)
+        self.d_momentum = float(o.d_momentum)
+        self.d_weight_decay = float(o.d_weight_decay)
+        self.register_buffer("_weights", self._teacher_weights(o.teacher_weights), persistent=False)
 
-        self.blocks = [str(b) for b in blocks]
+        self.blocks = [str(b) for b in o.blocks]
         if not self.blocks or len(set(self.blocks)) != len(self.blocks):
             raise ConfigError(f"blocks must be a non-empty list of distinct names, got {self.blocks}")
-        self.sim_weights = [check_weight(f"sim_weights[{j}]", w) for j, w in enumerate(_per_block("sim_weights", sim_weights, self.blocks, 1.0))]
-        self.adv_weights = [check_weight(f"adv_weights[{j}]", w) for j, w in enumerate(_per_block("adv_weights", adv_weights, self.blocks, 1.0))]
+        self.sim_weights = [check_weight(f"sim_weights[{j}]", w) for j, w in enumerate(_per_block("sim_weights", o.sim_weights, self.blocks, 1.0))]
+        self.adv_weights = [check_weight(f"adv_weights[{j}]", w) for j, w in enumerate(_per_block("adv_weights", o.adv_weights, self.blocks, 1.0))]
         features = [b for b in self.blocks if b != "logits"]
         self.student_features = list(features)
         self.teacher_features = list(features)
-        self.student_taps(student)  # unknown feature keys fail here, listing the known ones
-        for teacher in teachers:
-            self.teacher_taps(teacher)
-        self.dims, align_layers = self._size_blocks(student, teachers, _per_block("dims", dims, self.blocks, None))
+        self.student_taps()  # unknown feature keys fail here, listing the known ones
+        for i in range(self.num_teachers):
+            self.teacher_taps(i)
+        self.dims, align_layers = self._size_blocks(student, teachers, _per_block("dims", o.dims, self.blocks, None))
         self.align_layers = nn.ModuleList(align_layers)
 
         self.discriminators = nn.ModuleList()
         if self.mode != "off":
             self.discriminators.extend(
-                Discriminator(d, disc_reduction, disc_depth, disc_outputs, final_relu) for d in self.dims
+                Discriminator(d, o.disc_reduction, o.disc_depth, o.disc_outputs, o.final_relu) for d in self.dims
             )
             total = sum(p.numel() for p in self.discriminators.parameters())
             if total > DISC_WARN_PARAMS:
                 warnings.warn(f"{self.name}: the discriminators have {total:,} parameters (dims {self.dims})", stacklevel=2)
 
-        self._generator = torch.Generator().manual_seed(int(seed))
+        self._generator = torch.Generator().manual_seed(int(o.seed))
         self._selected = list(range(self.num_teachers)) if self.selection in ("average", "mean_logits") else [0]
         self.register_buffer("selection_counts", torch.zeros(self.num_teachers, dtype=torch.long))
 
@@ -213,21 +228,21 @@ class MEAL(Method):
         return w / w.sum()
 
     def _size_blocks(
-        self, student: nn.Module, teachers: Sequence[nn.Module], dims: list[int | None]
+        self, student: TappedModel, teachers: Sequence[TappedModel], dims: list[int | None]
     ) -> tuple[list[int], list[nn.Module]]:
         """Each block's vector length (validated, meal.md §4 defect 8) and its student alignment layer."""
         sizes: list[int] = []
         layers: list[nn.Module] = []
         if "logits" in self.blocks:
-            classes = _logit_width(student, self.input_size)
+            classes = _logit_width(student.model, self.input_size)
             for i, teacher in enumerate(teachers):
-                t_classes = _logit_width(teacher, self.input_size)
+                t_classes = _logit_width(teacher.model, self.input_size)
                 if t_classes != classes:
                     raise ConfigError(f"teacher {i} outputs {t_classes} classes but the student outputs {classes}")
         if self.align == "gap_linear":
             keys = [b for b in self.blocks if b != "logits"]
-            s_shapes = self.probe(student, keys, self.student_preact, teacher=False)
-            t_shapes = [self.probe(t, keys, self.teacher_preact, teacher=True) for t in teachers]
+            s_shapes = self.probe(student, keys, self.student_preact)
+            t_shapes = [self.probe(t, keys, self.teacher_preact) for t in teachers]
         for block, dim in zip(self.blocks, dims, strict=True):
             if block == "logits":
                 if dim is not None and dim != classes:
@@ -388,14 +403,16 @@ class MEAL(Method):
         return losses or None
 
 
-def _signature_with_defaults(init: Any, defaults: dict[str, Any]) -> inspect.Signature:
-    sig = inspect.signature(init)
-    missing = set(defaults) - set(sig.parameters)
-    if missing:
-        raise RuntimeError(f"preset defaults for unknown options {sorted(missing)}")
-    return sig.replace(
-        parameters=[p.replace(default=defaults[p.name]) if p.name in defaults else p for p in sig.parameters.values()]
-    )
+@dataclass
+class MEALV2Options(MEALOptions):
+    """MEAL V2's defaults (meal.md §5, preset ``meal_v2_imagenet``): all teachers averaged, the
+    discriminator (K=8) on student vs mean teacher logits, discriminator lr 1e-4 without weight decay."""
+
+    teacher_selection: str = "average"
+    disc_teacher_input: str = "mean_logits"
+    disc_reduction: int = 8
+    d_lr: float = 1e-4
+    d_weight_decay: float = 0.0
 
 
 @register_method
@@ -406,16 +423,5 @@ class MEALV2(MEAL):
     """
 
     name = "meal_v2"
-    preset = {
-        "teacher_selection": "average",
-        "disc_teacher_input": "mean_logits",
-        "disc_reduction": 8,
-        "d_lr": 1e-4,
-        "d_weight_decay": 0.0,
-    }
-
-    def __init__(self, student: nn.Module, teachers: Sequence[nn.Module], **options: Any):
-        super().__init__(student, teachers, **{**self.preset, **options})
-
-
-MEALV2.__init__.__signature__ = _signature_with_defaults(MEAL.__init__, MEALV2.preset)  # type: ignore[attr-defined]
+    Options = MEALV2Options
+    options: MEALV2Options

@@ -3,12 +3,34 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from kdistill.features import TappedModel
 from kdistill.losses import nst_loss
-from kdistill.methods.base import Batch, Method, ModelOutput, StepInfo, check_weight, register_method
+from kdistill.methods.base import (
+    Batch,
+    Method,
+    MethodOptions,
+    ModelOutput,
+    StepInfo,
+    check_weight,
+    register_method,
+)
+
+
+@dataclass
+class NSTOptions(MethodOptions):
+    """β=50 (the benchmark's)."""
+
+    ce_weight: float = 1.0
+    feat_weight: float = 50.0
+
+    def check(self) -> None:
+        check_weight("ce_weight", self.ce_weight)
+        check_weight("feat_weight", self.feat_weight)
 
 
 @register_method
@@ -16,22 +38,14 @@ class NST(Method):
     """All post-ReLU stage outputs (``feat[1:-1]``), paired shallow to deep; β=50."""
 
     name = "nst"
-    uses_teacher_logits = False
+    Options = NSTOptions
+    options: NSTOptions
 
-    def __init__(
-        self,
-        student: nn.Module,
-        teachers: Sequence[nn.Module],
-        *,
-        ce_weight: float = 1.0,
-        feat_weight: float = 50.0,
-        **common,
-    ):
-        super().__init__(student, teachers, **common)
-        self.require_one_teacher(teachers)
-        self.ce_weight = check_weight("ce_weight", ce_weight)
-        self.feat_weight = check_weight("feat_weight", feat_weight)
-        self.pair_all_stages(student, teachers[0])
+    def build(self, student: TappedModel, teachers: list[TappedModel]) -> None:
+        self.require_one_teacher()
+        self.ce_weight = float(self.options.ce_weight)
+        self.feat_weight = float(self.options.feat_weight)
+        self.pair_all_stages()
 
     def forward(
         self, batch: Batch, student: ModelOutput, teachers: Sequence[ModelOutput], info: StepInfo

@@ -3,12 +3,34 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from kdistill.features import TappedModel
 from kdistill.losses import pkt_loss
-from kdistill.methods.base import Batch, Method, ModelOutput, StepInfo, check_weight, register_method
+from kdistill.methods.base import (
+    Batch,
+    Method,
+    MethodOptions,
+    ModelOutput,
+    StepInfo,
+    check_weight,
+    register_method,
+)
+
+
+@dataclass
+class PKTOptions(MethodOptions):
+    """β=30000 (the benchmark's)."""
+
+    ce_weight: float = 1.0
+    feat_weight: float = 30000.0
+
+    def check(self) -> None:
+        check_weight("ce_weight", self.ce_weight)
+        check_weight("feat_weight", self.feat_weight)
 
 
 @register_method
@@ -16,21 +38,13 @@ class PKT(Method):
     """Pooled penultimate vectors (``feat[-1]``); β=30000."""
 
     name = "pkt"
-    uses_teacher_logits = False
+    Options = PKTOptions
+    options: PKTOptions
 
-    def __init__(
-        self,
-        student: nn.Module,
-        teachers: Sequence[nn.Module],
-        *,
-        ce_weight: float = 1.0,
-        feat_weight: float = 30000.0,
-        **common,
-    ):
-        super().__init__(student, teachers, **common)
-        self.require_one_teacher(teachers)
-        self.ce_weight = check_weight("ce_weight", ce_weight)
-        self.feat_weight = check_weight("feat_weight", feat_weight)
+    def build(self, student: TappedModel, teachers: list[TappedModel]) -> None:
+        self.require_one_teacher()
+        self.ce_weight = float(self.options.ce_weight)
+        self.feat_weight = float(self.options.feat_weight)
         self.student_features = ["pooled"]
         self.teacher_features = ["pooled"]
 

@@ -12,13 +12,23 @@ read here from a dry run of student and teacher (spec §4 "recommended kdistill 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdistill.features import TappedModel
 from kdistill.losses.hcl import SKIP_RULES, hcl_loss
-from kdistill.methods.base import Batch, Method, ModelOutput, StepInfo, check_weight, register_method
+from kdistill.methods.base import (
+    Batch,
+    Method,
+    MethodOptions,
+    ModelOutput,
+    StepInfo,
+    check_weight,
+    register_method,
+)
 from kdistill.utils import ConfigError
 
 Size = tuple[int, int]
@@ -97,6 +107,51 @@ def _fmt(shape: Sequence[int]) -> str:
     return "x".join(str(int(d)) for d in shape)
 
 
+@dataclass
+class ReviewKDOptions(MethodOptions):
+    """ReviewKD's options and defaults; what each means is in the ``ReviewKD`` docstring."""
+
+    loss_weight: float = 1.0
+    ce_weight: float = 1.0
+    warmup_epochs: int = 20
+    warmup_epoch_base: int = 0
+    mid_channels: int | None = None
+    max_mid_channels: int = 512
+    student_preact: bool = False
+    teacher_preact: bool = True
+    levels: tuple[int, ...] = (4, 2, 1)
+    level_weight_decay: float = 0.5
+    hcl_skip_rule: str = "height"
+    fusion: str = "attention"
+    resize_to_teacher: bool = True
+    in_channels: list[int] | None = None
+    out_channels: list[int] | None = None
+    shapes: list[int | list[int]] | None = None
+    out_shapes: list[int | list[int]] | None = None
+
+    def check(self) -> None:
+        check_weight("loss_weight", self.loss_weight)
+        check_weight("ce_weight", self.ce_weight)
+        if int(self.warmup_epochs) != self.warmup_epochs or self.warmup_epochs < 0:
+            raise ConfigError(f"warmup_epochs must be an integer >= 0, got {self.warmup_epochs}")
+        if self.warmup_epoch_base not in (0, 1):
+            raise ConfigError(
+                f"warmup_epoch_base must be 0 (official) or 1 (mdistiller), got {self.warmup_epoch_base}"
+            )
+        if self.hcl_skip_rule not in SKIP_RULES:
+            raise ConfigError(f"hcl_skip_rule must be one of {SKIP_RULES}, got {self.hcl_skip_rule!r}")
+        if self.fusion not in FUSIONS:
+            raise ConfigError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if any(int(level) != level or level < 1 for level in self.levels):
+            raise ConfigError(f"levels must be positive integers, got {list(self.levels)}")
+        if not self.level_weight_decay > 0:
+            raise ConfigError(f"level_weight_decay must be > 0, got {self.level_weight_decay}")
+        if self.max_mid_channels < 1:
+            raise ConfigError(f"max_mid_channels must be >= 1, got {self.max_mid_channels}")
+        if self.mid_channels is not None and (int(self.mid_channels) != self.mid_channels or self.mid_channels < 1):
+            raise ConfigError(f"mid_channels must be a positive integer or null, got {self.mid_channels}")
+
+
 @register_method
 class ReviewKD(Method):
     """ReviewKD for classification: CE + λ·warm-up(e)·Σ HCL(ABF outputs, teacher targets) (spec §8).
@@ -138,57 +193,23 @@ class ReviewKD(Method):
     """
 
     name = "reviewkd"
-    uses_teacher_logits = False
+    Options = ReviewKDOptions
+    options: ReviewKDOptions
 
-    def __init__(
-        self,
-        student: nn.Module,
-        teachers: Sequence[nn.Module],
-        *,
-        loss_weight: float = 1.0,
-        ce_weight: float = 1.0,
-        warmup_epochs: int = 20,
-        warmup_epoch_base: int = 0,
-        mid_channels: int | None = None,
-        max_mid_channels: int = 512,
-        student_preact: bool = False,
-        teacher_preact: bool = True,
-        levels: Sequence[int] = (4, 2, 1),
-        level_weight_decay: float = 0.5,
-        hcl_skip_rule: str = "height",
-        fusion: str = "attention",
-        resize_to_teacher: bool = True,
-        in_channels: Sequence[int] | None = None,
-        out_channels: Sequence[int] | None = None,
-        shapes: Sequence[int | Sequence[int]] | None = None,
-        out_shapes: Sequence[int | Sequence[int]] | None = None,
-        **common,
-    ):
-        super().__init__(student, teachers, **common)
+    def build(self, student: TappedModel, teachers: list[TappedModel]) -> None:
+        o = self.options
         if len(teachers) != 1:
             raise ConfigError(f"reviewkd distils from exactly one teacher, got {len(teachers)}")
-        self.loss_weight = check_weight("loss_weight", loss_weight)
-        self.ce_weight = check_weight("ce_weight", ce_weight)
-        if int(warmup_epochs) != warmup_epochs or warmup_epochs < 0:
-            raise ConfigError(f"warmup_epochs must be an integer >= 0, got {warmup_epochs}")
-        if warmup_epoch_base not in (0, 1):
-            raise ConfigError(f"warmup_epoch_base must be 0 (official) or 1 (mdistiller), got {warmup_epoch_base}")
-        if hcl_skip_rule not in SKIP_RULES:
-            raise ConfigError(f"hcl_skip_rule must be one of {SKIP_RULES}, got {hcl_skip_rule!r}")
-        if fusion not in FUSIONS:
-            raise ConfigError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
-        if any(int(level) != level or level < 1 for level in levels):
-            raise ConfigError(f"levels must be positive integers, got {list(levels)}")
-        if not level_weight_decay > 0:
-            raise ConfigError(f"level_weight_decay must be > 0, got {level_weight_decay}")
-        self.warmup_epochs = int(warmup_epochs)
-        self.warmup_epoch_base = int(warmup_epoch_base)
-        self.levels = tuple(int(level) for level in levels)
-        self.level_weight_decay = float(level_weight_decay)
-        self.hcl_skip_rule = hcl_skip_rule
-        self.resize_to_teacher = bool(resize_to_teacher)
-        self.student_preact = bool(student_preact)
-        self.teacher_preact = bool(teacher_preact)
+        self.loss_weight = float(o.loss_weight)
+        self.ce_weight = float(o.ce_weight)
+        self.warmup_epochs = int(o.warmup_epochs)
+        self.warmup_epoch_base = int(o.warmup_epoch_base)
+        self.levels = tuple(int(level) for level in o.levels)
+        self.level_weight_decay = float(o.level_weight_decay)
+        self.hcl_skip_rule = o.hcl_skip_rule
+        self.resize_to_teacher = bool(o.resize_to_teacher)
+        self.student_preact = bool(o.student_preact)
+        self.teacher_preact = bool(o.teacher_preact)
 
         teacher = teachers[0]
         s_keys = self._feature_keys(student, teacher=False, preact=self.student_preact)
@@ -206,41 +227,37 @@ class ReviewKD(Method):
             t_shapes[k][1:] if self.resize_to_teacher else s_shapes[sk][1:]
             for k, sk in zip(reversed(t_keys), reversed(s_keys), strict=True)
         ]
-        self._check_explicit("in_channels", in_channels, self.in_channels, channels=True)
-        self._check_explicit("out_channels", out_channels, self.out_channels, channels=True)
-        self._check_explicit("shapes", shapes, self.shapes, channels=False)
-        self._check_explicit("out_shapes", out_shapes, self.out_shapes, channels=False)
+        self._check_explicit("in_channels", o.in_channels, self.in_channels, channels=True)
+        self._check_explicit("out_channels", o.out_channels, self.out_channels, channels=True)
+        self._check_explicit("shapes", o.shapes, self.shapes, channels=False)
+        self._check_explicit("out_shapes", o.out_shapes, self.out_shapes, channels=False)
 
-        if max_mid_channels < 1:
-            raise ConfigError(f"max_mid_channels must be >= 1, got {max_mid_channels}")
-        if mid_channels is not None and (int(mid_channels) != mid_channels or mid_channels < 1):
-            raise ConfigError(f"mid_channels must be a positive integer or null, got {mid_channels}")
         self.mid_channels = (
-            int(mid_channels) if mid_channels is not None else min(max_mid_channels, self.in_channels[-1])
+            int(o.mid_channels) if o.mid_channels is not None else min(o.max_mid_channels, self.in_channels[-1])
         )
 
         # built shallow→deep as in the released code, then reversed so abfs[0] is the pooled ABF
         n = len(self.in_channels)
         abfs = [
-            ABF(c_in, self.mid_channels, c_out, fuse=i < n - 1, fusion=fusion)
+            ABF(c_in, self.mid_channels, c_out, fuse=i < n - 1, fusion=o.fusion)
             for i, (c_in, c_out) in enumerate(zip(self.in_channels, self.out_channels, strict=True))
         ]
         self.abfs = nn.ModuleList(abfs[::-1])
 
     # --- configuration --------------------------------------------------------------------------
-    def _feature_keys(self, model: nn.Module, teacher: bool, preact: bool) -> list[str]:
+    def _feature_keys(self, net: TappedModel, teacher: bool, preact: bool) -> list[str]:
         """``stage1..stageK`` (the family's preset merged with the user's taps) plus ``pooled``."""
-        stages = self.available_stages(model, teacher=teacher, preact=preact)
+        stages = net.stages(preact)
         expected = [f"stage{i}" for i in range(1, len(stages) + 1)]
         if stages != expected:
             role = "teacher" if teacher else "student"
             raise ConfigError(f"reviewkd: {role} stage taps must be numbered {expected}, got {stages}")
         return [*stages, "pooled"]
 
-    def _probe_chw(self, model: nn.Module, keys: list[str], preact: bool, teacher: bool) -> dict[str, tuple[int, ...]]:
+    def _probe_chw(self, net: TappedModel, keys: list[str], preact: bool, teacher: bool) -> dict[str, tuple[int, ...]]:
         """Probed C×H×W per key; a flat pooled vector (C) counts as C×1×1."""
         role = "teacher" if teacher else "student"
-        shapes = {k: tuple(int(d) for d in v) for k, v in self.probe(model, keys, preact, teacher=teacher).items()}
+        shapes = {k: tuple(int(d) for d in v) for k, v in self.probe(net, keys, preact).items()}
         pooled = shapes["pooled"]
         if len(pooled) == 1:
             shapes["pooled"] = (pooled[0], 1, 1)

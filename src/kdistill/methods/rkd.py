@@ -3,12 +3,36 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from kdistill.features import TappedModel
 from kdistill.losses import rkd_loss
-from kdistill.methods.base import Batch, Method, ModelOutput, StepInfo, check_weight, register_method
+from kdistill.methods.base import (
+    Batch,
+    Method,
+    MethodOptions,
+    ModelOutput,
+    StepInfo,
+    check_weight,
+    register_method,
+)
+
+
+@dataclass
+class RKDOptions(MethodOptions):
+    """β=1, distance weight 25, angle weight 50 (the benchmark's)."""
+
+    ce_weight: float = 1.0
+    feat_weight: float = 1.0
+    distance_weight: float = 25.0
+    angle_weight: float = 50.0
+
+    def check(self) -> None:
+        for name in ("ce_weight", "feat_weight", "distance_weight", "angle_weight"):
+            check_weight(name, getattr(self, name))
 
 
 @register_method
@@ -19,25 +43,16 @@ class RKD(Method):
     """
 
     name = "rkd"
-    uses_teacher_logits = False
+    Options = RKDOptions
+    options: RKDOptions
 
-    def __init__(
-        self,
-        student: nn.Module,
-        teachers: Sequence[nn.Module],
-        *,
-        ce_weight: float = 1.0,
-        feat_weight: float = 1.0,
-        distance_weight: float = 25.0,
-        angle_weight: float = 50.0,
-        **common,
-    ):
-        super().__init__(student, teachers, **common)
-        self.require_one_teacher(teachers)
-        self.ce_weight = check_weight("ce_weight", ce_weight)
-        self.feat_weight = check_weight("feat_weight", feat_weight)
-        self.distance_weight = check_weight("distance_weight", distance_weight)
-        self.angle_weight = check_weight("angle_weight", angle_weight)
+    def build(self, student: TappedModel, teachers: list[TappedModel]) -> None:
+        self.require_one_teacher()
+        o = self.options
+        self.ce_weight = float(o.ce_weight)
+        self.feat_weight = float(o.feat_weight)
+        self.distance_weight = float(o.distance_weight)
+        self.angle_weight = float(o.angle_weight)
         self.student_features = ["pooled"]
         self.teacher_features = ["pooled"]
 

@@ -3,12 +3,34 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from kdistill.features import TappedModel
 from kdistill.losses import sp_loss
-from kdistill.methods.base import Batch, Method, ModelOutput, StepInfo, check_weight, register_method
+from kdistill.methods.base import (
+    Batch,
+    Method,
+    MethodOptions,
+    ModelOutput,
+    StepInfo,
+    check_weight,
+    register_method,
+)
+
+
+@dataclass
+class SPOptions(MethodOptions):
+    """β=3000 (the benchmark's)."""
+
+    ce_weight: float = 1.0
+    feat_weight: float = 3000.0
+
+    def check(self) -> None:
+        check_weight("ce_weight", self.ce_weight)
+        check_weight("feat_weight", self.feat_weight)
 
 
 @register_method
@@ -16,23 +38,15 @@ class SP(Method):
     """Last post-ReLU stage output of each model (``feat[-2]``); β=3000."""
 
     name = "sp"
-    uses_teacher_logits = False
+    Options = SPOptions
+    options: SPOptions
 
-    def __init__(
-        self,
-        student: nn.Module,
-        teachers: Sequence[nn.Module],
-        *,
-        ce_weight: float = 1.0,
-        feat_weight: float = 3000.0,
-        **common,
-    ):
-        super().__init__(student, teachers, **common)
-        self.require_one_teacher(teachers)
-        self.ce_weight = check_weight("ce_weight", ce_weight)
-        self.feat_weight = check_weight("feat_weight", feat_weight)
-        self.student_features = self.available_stages(student, teacher=False)[-1:]
-        self.teacher_features = self.available_stages(teachers[0], teacher=True)[-1:]
+    def build(self, student: TappedModel, teachers: list[TappedModel]) -> None:
+        self.require_one_teacher()
+        self.ce_weight = float(self.options.ce_weight)
+        self.feat_weight = float(self.options.feat_weight)
+        self.student_features = student.stages()[-1:]
+        self.teacher_features = teachers[0].stages()[-1:]
 
     def forward(
         self, batch: Batch, student: ModelOutput, teachers: Sequence[ModelOutput], info: StepInfo

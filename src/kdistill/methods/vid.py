@@ -7,55 +7,71 @@ Uses every stage output (post-ReLU, ``feat[1:-1]``) of student and teacher, pair
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdistill.features import TappedModel
 from kdistill.losses import VIDLoss
-from kdistill.methods.base import Batch, Method, ModelOutput, StepInfo, check_weight, register_method
+from kdistill.methods.base import (
+    Batch,
+    Method,
+    MethodOptions,
+    ModelOutput,
+    StepInfo,
+    check_weight,
+    register_method,
+)
 from kdistill.utils import ConfigError
 
 
-@register_method
-class VID(Method):
+@dataclass
+class VIDOptions(MethodOptions):
     """Defaults are the CIFAR-100 benchmark's: γ=1, β=1, initial variance 5.0, ε=1e-5.
 
     ``learn_variance=True`` trains the variances (RepDistiller); ``False`` keeps them at
     ``init_var`` (mdistiller, spec §8 #1).
     """
 
-    name = "vid"
+    ce_weight: float = 1.0
+    vid_weight: float = 1.0
+    init_var: float = 5.0
+    eps: float = 1e-5
+    learn_variance: bool = True
 
-    def __init__(
-        self,
-        student: nn.Module,
-        teachers: Sequence[nn.Module],
-        *,
-        ce_weight: float = 1.0,
-        vid_weight: float = 1.0,
-        init_var: float = 5.0,
-        eps: float = 1e-5,
-        learn_variance: bool = True,
-        **common,
-    ):
-        super().__init__(student, teachers, **common)
-        self.require_one_teacher(teachers)
-        if not eps > 0 or not init_var > eps:
-            raise ConfigError(f"vid: need init_var > eps > 0, got init_var={init_var}, eps={eps}")
-        self.ce_weight = check_weight("ce_weight", ce_weight)
-        self.vid_weight = check_weight("vid_weight", vid_weight)
-        s_keys = self.available_stages(student, teacher=False)
-        t_keys = self.available_stages(teachers[0], teacher=True)
+    def check(self) -> None:
+        if not self.eps > 0 or not self.init_var > self.eps:
+            raise ConfigError(f"vid: need init_var > eps > 0, got init_var={self.init_var}, eps={self.eps}")
+        check_weight("ce_weight", self.ce_weight)
+        check_weight("vid_weight", self.vid_weight)
+
+
+@register_method
+class VID(Method):
+    """One variational regressor per stage pair, sized by probing both networks."""
+
+    name = "vid"
+    Options = VIDOptions
+    options: VIDOptions
+
+    def build(self, student: TappedModel, teachers: list[TappedModel]) -> None:
+        self.require_one_teacher()
+        o = self.options
+        self.ce_weight = float(o.ce_weight)
+        self.vid_weight = float(o.vid_weight)
+        s_keys = student.stages()
+        t_keys = teachers[0].stages()
         if not s_keys or len(s_keys) != len(t_keys):
             raise ConfigError(
                 f"vid pairs stages in order; student stages {s_keys} and teacher stages {t_keys} do not match"
             )
         self.student_features = s_keys
         self.teacher_features = t_keys
-        s_shapes = self.probe(student, s_keys, preact=False, teacher=False)
-        t_shapes = self.probe(teachers[0], t_keys, preact=False, teacher=True)
+        s_shapes = self.probe(student, s_keys)
+        t_shapes = self.probe(teachers[0], t_keys)
         self.stages = nn.ModuleList(
-            VIDLoss(s_shapes[s][0], t_shapes[t][0], init_var, eps, learn_variance)
+            VIDLoss(s_shapes[s][0], t_shapes[t][0], o.init_var, o.eps, o.learn_variance)
             for s, t in zip(s_keys, t_keys, strict=True)
         )
 

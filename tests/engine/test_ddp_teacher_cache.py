@@ -32,7 +32,7 @@ import lightning as L
 import torch
 from kdistill.cli import quiet_lightning
 from kdistill.config import build_config
-from kdistill.distiller import Distiller
+from kdistill.step import Distiller
 from kdistill.engine.build import build_run
 from kdistill.engine.run import fit
 from kdistill.engine.teacher_cache import TeacherCache
@@ -54,9 +54,9 @@ def training_batch(self, batch, augment, teachers, generator=None):
                      cached=outputs[0].logits.detach().cpu().clone())
     return out, outputs
 
-def forward_train_rec(self, batch, info, teacher_outputs=None, own_step=None):
-    logits, losses = forward_train(self, batch, info, teacher_outputs=teacher_outputs, own_step=own_step)
-    if teacher_outputs is not None:
+def forward_train_rec(self, batch, info, teachers=None, own_step=None):
+    logits, losses = forward_train(self, batch, info, teachers=teachers, own_step=own_step)
+    if teachers is not None:
         steps[-1].update(student=logits.detach().cpu().clone(), kd=losses["kd"].detach().cpu().clone())
     return logits, losses
 

@@ -1,5 +1,5 @@
-"""Issue 6: the teacher-output cache (views keyed by index and crop/flip), its manifest checks and
-storage error, the teacher pass options (bf16 autocast, channels_last) and the cache in a real run."""
+"""The teacher-output cache (views keyed by index and crop/flip), its manifest checks and storage
+error, the cache as the step's teacher source, and the cache in a real run."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch.nn.functional as F
 import kdistill
 from kdistill.cli import main
 from kdistill.data import BatchAugment, ImageTensors
-from kdistill.distiller import Distiller, classifier_head
 from kdistill.engine.teacher_cache import TeacherCacheError, build_teacher_cache, load_teacher_cache
 from kdistill.methods import build_method
 from kdistill.methods.base import Batch, StepInfo
+from kdistill.step import Distiller, FixedTeachers
 
 NUM_CLASSES = 10
 
@@ -116,7 +116,7 @@ def test_distill_loss_with_the_cache_equals_the_loss_with_the_teacher(built) -> 
     d.train()
     info = StepInfo(epoch=0, step=0, max_epochs=1)
     torch.manual_seed(0)
-    _, with_cache = d.forward_train(batch, info, teacher_outputs=outs)
+    _, with_cache = d.forward_train(batch, info, teachers=FixedTeachers(outs))
     torch.manual_seed(0)
     _, with_teacher = d.forward_train(batch, info)
     assert with_cache.keys() == with_teacher.keys() == {"ce", "kd"}
@@ -182,56 +182,6 @@ def test_fp16_and_topk_storage_error(built, tmp_path: Path) -> None:
     assert torch.equal(approx.argmax(1), ref.argmax(1))
     with pytest.raises(kdistill.utils.ConfigError, match="storage"):
         build_teacher_cache(d, data, aug, tmp_path / "bad", storage="int8")
-
-
-def test_teacher_bf16_autocast_path_and_agreement() -> None:
-    d = make_distiller()
-    x = make_augment()(make_data(32, seed=5).images, train=False)
-    dtypes: list[torch.dtype] = []
-    hook = d.teachers[0].conv1.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
-    head = classifier_head(d.teachers[0])
-    head_io: list[tuple[torch.dtype, torch.dtype]] = []
-    head_hook = head.register_forward_hook(lambda m, i, o: head_io.append((i[0].dtype, o.dtype)))
-    ref = d._clone_out(d.teacher_forward(0, x)).logits
-    d.configure_teachers("bf16")
-    low = d._clone_out(d.teacher_forward(0, x)).logits
-    hook.remove()
-    head_hook.remove()
-    assert dtypes == [torch.float32, torch.bfloat16]
-    # the classifier receives bf16 pooled features but computes in float32 under bf16 autocast
-    assert head_io == [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)]
-    feats = torch.randn(4, head.in_features).bfloat16()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        under_autocast = head(feats)
-    assert under_autocast.dtype == torch.float32
-    assert torch.equal(under_autocast, torch.nn.functional.linear(feats.float(), head.weight, head.bias))
-    d.configure_teachers("32")
-    assert "forward" not in head.__dict__ and torch.equal(d._clone_out(d.teacher_forward(0, x)).logits, ref)
-    d.configure_teachers("bf16")
-    assert low.dtype == torch.float32 and ref.dtype == torch.float32  # losses always see float32
-    assert not torch.equal(low, ref)
-    agreement = (low.argmax(1) == ref.argmax(1)).float().mean()
-    assert agreement >= 0.9, f"bf16 top-1 agreement {agreement:.2f}"
-    assert (low - ref).abs().max() < 0.1 * ref.std()
-    with pytest.raises(kdistill.utils.ConfigError, match="'32' or 'bf16'"):
-        d.configure_teachers("fp8")
-
-
-def test_channels_last_teacher_outputs_equal_the_default() -> None:
-    d = make_distiller("at")  # with feature taps too
-    x = make_augment()(make_data(8, seed=2).images, train=False)
-    ref = d.teacher_forward(0, x)
-    formats: list[bool] = []
-    hook = d.teachers[0].layer1.register_forward_hook(lambda m, i, o: formats.append(o.is_contiguous(memory_format=torch.channels_last)))
-    d.configure_teachers("32", channels_last=True)
-    assert d.teachers[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    out = d.teacher_forward(0, x)
-    hook.remove()
-    assert formats == [True]
-    torch.testing.assert_close(out.logits, ref.logits, atol=1e-5, rtol=1e-5)
-    assert out.features.keys() == ref.features.keys()
-    for k in ref.features:
-        torch.testing.assert_close(out.features[k], ref.features[k], atol=1e-5, rtol=1e-5)
 
 
 def test_cache_teacher_and_distill_with_the_cache_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

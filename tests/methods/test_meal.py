@@ -13,11 +13,11 @@ import torch.nn.functional as F
 
 from kdistill import create_model
 from kdistill.config import build_config
-from kdistill.distiller import Distiller
 from kdistill.losses import discriminator_loss, fooling_loss, meal_align, similarity_loss, soft_cross_entropy
 from kdistill.methods import Batch, ModelOutput, StepInfo, build_method, method_options
-from kdistill.methods.adversarial import OwnOptimizerStep, grad_reverse, train_step
+from kdistill.methods.adversarial import grad_reverse
 from kdistill.methods.discriminator import Discriminator, discriminator_widths
+from kdistill.step import Distiller, OwnOptimizerStep, train_step
 from kdistill.utils import ConfigError
 
 SIZE = (3, 8, 8)
@@ -455,7 +455,7 @@ def test_each_teacher_of_a_pool_has_its_own_taps() -> None:
     wrn = create_model("cifar.wrn_16_1", num_classes=10)
     m = build_method("meal_v1", student=student, teachers=[resnet, wrn], blocks=["last", "logits"], align="gap_linear",
                      student_taps={"last": "layer3"}, teacher_taps=[{"last": "layer3"}, {"last": "block3"}])
-    assert m.teacher_taps(resnet)["last"] == "layer3" and m.teacher_taps(wrn)["last"] == "block3"
+    assert m.teacher_taps(0)["last"] == "layer3" and m.teacher_taps(1)["last"] == "block3"
     # the same dict for every teacher still works, and names a module the wide ResNet lacks
     with pytest.raises(ConfigError, match="layer3"):
         build_method("meal_v1", student=student, teachers=[resnet, wrn], blocks=["last", "logits"], align="gap_linear",
@@ -481,4 +481,5 @@ def test_build_run_passes_each_teachers_taps(tmp_path) -> None:
     ])
     built = build_run(cfg)
     method = built.distiller.method
-    assert [method.teacher_taps(t)["last"] for t in built.distiller.teachers] == ["layer3", "block3"]
+    assert [method.teacher_taps(i)["last"] for i in range(2)] == ["layer3", "block3"]
+    assert [taps["last"] for taps in built.distiller.teacher_taps] == ["layer3", "block3"]

@@ -1,0 +1,44 @@
+"""What every benchmark shares: the repository's paths, the machine description printed with each
+result, and the shared tiny100-32 data unpacked outside the repository.
+
+Benchmarks run as scripts (``python benchmarks/<name>.py`` from the repository), so Python puts this
+folder first on the import path and ``from common import ...`` needs no path editing; kdistill itself
+is imported from the installed (editable) package or ``PYTHONPATH=src``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def machine_line() -> str:
+    """CPU model, cores, native bf16 support, torch and Python versions, and the GPU if any."""
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
+    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+    bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    return (f"{cpu}, {os.cpu_count()} cores, native bf16: {'yes' if bf16 else 'no'}; torch {torch.__version__}, "
+            f"python {platform.python_version()}; CUDA: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
+
+
+def unpack_tiny100(cache: Path) -> Path:
+    """``tiny100-32`` unpacked once into ``cache`` (never into the repository)."""
+    target = cache / "tiny100-32"
+    if (target / "val").is_dir():
+        return target
+    archive = SHARED / "data" / "tiny100-32.tar.gz"
+    if not archive.is_file():
+        sys.exit(f"missing {archive}: the benchmark needs the shared tiny100-32 data")
+    cache.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(cache, filter="data")
+    return target
