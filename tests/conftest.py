@@ -26,3 +26,41 @@ def tiny100_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with tarfile.open(archive) as tar:
         tar.extractall(root, filter="data")
     return root / "tiny100-32"
+
+
+SHARD_TRAIN, SHARD_VAL, SHARD_CLASSES = 48, 10, 4
+
+
+def make_shard_folder(root: Path) -> Path:
+    """An image folder for the shard tests. Train: 48 JPEGs of varied sizes in 4 classes; val: 8 JPEGs, one PNG
+    and one truncated JPEG (``val/class1/005.jpg``, val index 4)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", SHARD_TRAIN), ("val", SHARD_VAL)):
+        for i in range(count):
+            c = i % SHARD_CLASSES
+            d = root / split / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            h, w = (int(v) for v in rng.integers(20, 48, 2))
+            pixels = (rng.random((h, w, 3)) * 80 + 50 * c).clip(0, 255).astype(np.uint8)
+            if split == "val" and i == 3:
+                Image.fromarray(pixels).save(d / f"{i:03d}.png")
+            else:
+                Image.fromarray(pixels).save(d / f"{i:03d}.jpg", quality=90)
+    bad = root / "val" / "class1" / "005.jpg"
+    bad.write_bytes(bad.read_bytes()[:60])  # a JPEG header and nothing else: undecodable
+    return root
+
+
+@pytest.fixture(scope="session")
+def packed_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """``(image folder, its LitData shards)``, packed once per session in chunks of 4 KiB (several per split)."""
+    pytest.importorskip("litdata")
+    from kdistill.data.shards import pack_folder
+
+    root = tmp_path_factory.mktemp("shards")
+    folder = make_shard_folder(root / "folder")
+    pack_folder(folder, str(root / "packed"), chunk_mb=0.004)
+    return folder, root / "packed"

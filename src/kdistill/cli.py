@@ -118,12 +118,36 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     built = build_run(cfg)
     if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda"):
         built.distiller.cuda()
-    cache = build_teacher_cache(built.distiller, built.data.train, built.augment, args.out, views=args.views,
-                                storage=args.storage, topk=args.topk, batch_size=args.batch_size, seed=cfg.seed)
+    if getattr(built.data.train, "image_transform", getattr(built.data.train, "transform", None)) is not None:
+        # images cut per sample (data.transform=imagenet): K stored random resized crops, top-k labels
+        from kdistill.engine.crop_cache import build_crop_cache
+
+        cache = build_crop_cache(built.distiller, built.data.train, built.augment, args.out, views=args.views,
+                                 topk=args.topk, storage="fp32" if args.storage == "fp32" else "fp16",
+                                 batch_size=args.batch_size, seed=cfg.seed)
+    else:
+        cache = build_teacher_cache(built.distiller, built.data.train, built.augment, args.out, views=args.views,
+                                    storage=args.storage, topk=args.topk, batch_size=args.batch_size, seed=cfg.seed)
     m = cache.manifest
+    kind = f"top-{m['topk']} of crops" if "transform" in m else m["storage"]
     print(f"cached {len(cache.params)} images x {m['views']} views x {cache.num_teachers} teacher(s) "
-          f"({m['storage']}) in {m['build_seconds']:.0f}s -> {args.out}")
+          f"({kind}) in {m['build_seconds']:.0f}s -> {args.out}")
     print(f"use it with: kdistill distill <same recipe and overrides> teacher.cache={args.out}")
+    return 0
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    """Pack an image folder into LitData shards (local folder or object-storage URL)."""
+    import time
+
+    from kdistill.data.shards import pack_folder
+
+    start = time.perf_counter()
+    meta = pack_folder(args.folder, args.out, chunk_mb=args.chunk_mb, workers=args.workers)
+    for split, info in meta["splits"].items():
+        print(f"{split}: {info['count']} images, {info['bytes'] / 2**20:.1f} MiB -> {args.out}/{split}")
+    print(f"{len(meta['classes'])} classes, packed in {time.perf_counter() - start:.0f}s; train with: "
+          f"data.name=shards data.root={args.out}")
     return 0
 
 
@@ -175,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default="fp16", choices=["fp16", "fp32", "topk"], help="logit storage (default fp16)")
     p.add_argument("--topk", type=int, default=10, help="classes kept per view with --storage topk")
     p.add_argument("--batch-size", type=int, default=256, help="teacher batch size while building")
+    p = sub.add_parser("pack", help="pack an image folder (train/ and val/ or test/) into LitData shards")
+    p.add_argument("folder", help="image folder with train/<class>/<image> and val/ or test/")
+    p.add_argument("--out", required=True, help="a new local folder or an object-storage URL (s3://bucket/path)")
+    p.add_argument("--chunk-mb", type=float, default=64, help="size of one shard in MiB (default 64)")
+    p.add_argument("--workers", type=int, default=1, help="processes reading files while packing (default 1)")
     p = sub.add_parser("recipes", help="list the YAML recipes with their descriptions")
     p.add_argument("filter", nargs="?", help="only names containing this text")
     p = sub.add_parser("demo", help="teacher, plain student and KD student on synthetic (or your) data")
@@ -195,7 +224,8 @@ def quiet_lightning(verbose: bool) -> None:
         logging.getLogger(name).setLevel(level)
     if not verbose:
         for pattern in (".*LeafSpec.*", ".*overridden `on_after_batch_transfer`.*", ".*smaller than the logging interval.*",
-                        ".*litlogger.*", ".*module\\(s\\) in eval mode.*"):
+                        ".*litlogger.*", ".*module\\(s\\) in eval mode.*",
+                        ".*`IterableDataset` has `__len__` defined.*"):  # LitData gives each worker its own share
             warnings.filterwarnings("ignore", message=pattern)
 
 
@@ -208,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("train", "distill"):
             return cmd_fit(args, args.command)
         commands = {"eval": cmd_eval, "export": cmd_export, "recipes": cmd_recipes, "demo": cmd_demo,
-                    "cache-teacher": cmd_cache_teacher}
+                    "cache-teacher": cmd_cache_teacher, "pack": cmd_pack}
         return commands[args.command](args)
     except (ConfigError, CheckpointError) as exc:
         print(f"kdistill {args.command}: error: {exc}", file=sys.stderr)

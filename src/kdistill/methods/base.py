@@ -34,11 +34,13 @@ from kdistill.utils import ConfigError, unknown_name_error
 
 @dataclass
 class Batch:
-    """One training batch: images normalised for the student, targets, dataset indices."""
+    """One training batch: images normalised for the student, targets, dataset indices, and the crops
+    ``(top, left, height, width, flip)`` the images were cut with when the data loader cut them per sample."""
 
     images: Tensor
     targets: Tensor
     index: Tensor | None = None
+    crops: Tensor | None = None
 
 
 @dataclass
