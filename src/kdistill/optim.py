@@ -16,8 +16,8 @@ single ``torch.optim.Optimizer``:
 
 from __future__ import annotations
 
-from collections import ChainMap, OrderedDict
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +53,36 @@ def make_optimizer(group: ParamGroup, lr: float, momentum: float, nesterov: bool
     if group.optimizer == "adam":
         return torch.optim.Adam(group.params, lr=base, weight_decay=wd)
     return torch.optim.SGD(group.params, lr=base, momentum=momentum, nesterov=nesterov and momentum > 0, weight_decay=wd)
+
+
+class _MemberStates(MutableMapping):
+    """The union of the member optimizers' ``state`` dicts; an entry is read from and written to the
+    optimizer that holds the parameter."""
+
+    def __init__(self, optimizers: Sequence[torch.optim.Optimizer]):
+        self._owner = {id(p): opt for opt in optimizers for g in opt.param_groups for p in g["params"]}
+        self._optimizers = optimizers
+
+    def _state_of(self, key: Any) -> Any:
+        if id(key) not in self._owner:
+            raise KeyError(key)
+        return self._owner[id(key)].state
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._state_of(key)[key]
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self._state_of(key)[key] = value
+
+    def __delitem__(self, key: Any) -> None:
+        del self._state_of(key)[key]
+
+    def __iter__(self) -> Iterator[Any]:
+        for opt in self._optimizers:
+            yield from list(opt.state)
+
+    def __len__(self) -> int:
+        return sum(len(opt.state) for opt in self._optimizers)
 
 
 class GroupedOptimizer(torch.optim.Optimizer):
@@ -92,9 +122,10 @@ class GroupedOptimizer(torch.optim.Optimizer):
         pass
 
     @property  # type: ignore[override]
-    def state(self) -> ChainMap:
-        """Every member's per-parameter state (a live view)."""
-        return ChainMap(*[opt.state for opt in self.optimizers])
+    def state(self) -> _MemberStates:
+        """Every member's per-parameter state: a live view whose writes go to the parameter's owner
+        (frameworks move optimizer state between devices by assigning ``state[p]``)."""
+        return _MemberStates(self.optimizers)
 
     @state.setter
     def state(self, value: Any) -> None:

@@ -23,6 +23,7 @@ from kdistill.engine.callbacks import AtomicCheckpointIO, Throughput
 from kdistill.engine.module import DistillModule
 from kdistill.files import atomic_write
 from kdistill.models import create_model
+from kdistill.models.cohort import Cohort
 from kdistill.utils import ConfigError
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ class History(L.Callback):
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    # at the validation's end: after the module's own epoch-end hook, which logs a cohort's accuracies
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         m = trainer.callback_metrics
@@ -78,6 +80,8 @@ class History(L.Callback):
             "val_top1": float(m.get("val/top1", float("nan"))),
             "val_top5": float(m.get("val/top5", float("nan"))),
             "train_loss": float(m.get("train/loss", float("nan"))),
+            # several networks (online methods): each one's top-1 and the ensemble's
+            **{f"val_top1/{k[9:]}": float(v) for k, v in m.items() if k.startswith("val/top1/")},
         })
 
 
@@ -218,8 +222,18 @@ def fit(cfg: Config, resume: bool = False, built: Built | None = None) -> RunRes
         metrics = {"top1_last": result.top1_last, "top1_best": result.top1_best, "top5_last": result.top5_last,
                    "epochs": trainer.current_epoch, "train_images_per_s": result.images_per_s,
                    "train_seconds": seconds, "peak_memory_mb": peak_memory_mb()}
-        result.export = save_student(built.distiller.student, out / "student.safetensors",
-                                     card_for(cfg, built.data, metrics))
+        student = built.distiller.student
+        if isinstance(student, Cohort):
+            metrics["networks"] = {k[9:]: float(v) * 100 for k, v in m.items() if k.startswith("val/top1/")}
+            # every network, for `kdistill eval`; the export holds only what is deployed
+            save_student(student, out / "networks.safetensors", card_for(cfg, built.data, metrics))
+            student, name, kwargs = student.deployed()
+            card = card_for(cfg, built.data, metrics)
+            if name is not None:
+                card.update(model=name, model_kwargs=kwargs)
+            result.export = save_student(student, out / "student.safetensors", card)
+        else:
+            result.export = save_student(student, out / "student.safetensors", card_for(cfg, built.data, metrics))
         (out / "metrics.json").write_text(json.dumps({**metrics, "history": history.rows}, indent=2))
     return result
 
@@ -258,8 +272,8 @@ def load_exported(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 def load_from_run(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The student of a run folder, an export, or a training checkpoint (``.ckpt``) of a run."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "student.safetensors"
+    if path.is_dir():  # a run of several networks (online methods) keeps them all beside the export
+        path = path / "networks.safetensors" if (path / "networks.safetensors").is_file() else path / "student.safetensors"
     if path.suffix == ".safetensors":
         return load_exported(path)
     if path.suffix == ".ckpt":
@@ -282,12 +296,35 @@ def evaluate(path: str | Path, cfg: Config | None = None) -> dict[str, float]:
     data = load_data(cfg)
     if data.num_classes != card["num_classes"]:
         raise ConfigError(f"the model has {card['num_classes']} classes but the data set has {data.num_classes}")
-    return evaluate_model(model, data.val, card["mean"], card["std"], cfg.data.eval_batch_size)
+    metrics = evaluate_model(model, data.val, card["mean"], card["std"], cfg.data.eval_batch_size)
+    if isinstance(model, Cohort):  # several networks: each one, and their ensemble
+        for i, name in enumerate(model.names):
+            member = evaluate_model(model.member(i), data.val, card["mean"], card["std"], cfg.data.eval_batch_size)
+            metrics[f"top1/{name}"] = member["top1"]
+        ensemble = _Ensemble(model)
+        metrics["top1/ensemble"] = evaluate_model(ensemble, data.val, card["mean"], card["std"],
+                                                  cfg.data.eval_batch_size)["top1"]
+    return metrics
+
+
+class _Ensemble(torch.nn.Module):
+    """A cohort's ensemble (mean logits of every network), whatever the cohort deploys."""
+
+    def __init__(self, cohort: Cohort):
+        super().__init__()
+        self.cohort = cohort
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return Cohort.ensemble(self.cohort.forward_all(x))
 
 
 def export(path: str | Path, out: str | Path, onnx: bool = False) -> list[Path]:
     """Write the student as safetensors (+ card) and optionally ONNX; returns the written files."""
     model, card = load_from_run(path)
+    if isinstance(model, Cohort):  # several networks: what the run deploys
+        model, name, kwargs = model.deployed()
+        if name is not None:
+            card = {**card, "model": name, "model_kwargs": kwargs}
     out = Path(out)
     written = [save_student(model, out, card), out.with_suffix(".json")]
     if onnx:

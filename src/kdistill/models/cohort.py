@@ -53,6 +53,7 @@ class Cohort(nn.Module):
         self.member_models = list(member_models) if member_models is not None else None
         self.deploy = self._check_deploy(deploy)
         self.register_buffer("best_index", torch.tensor(0))
+        self.trunk_grad_members: list[int] | None = None  # None: every member trains the trunk
 
     def _check_deploy(self, deploy: str | int) -> str | int:
         if isinstance(deploy, int) or (isinstance(deploy, str) and deploy.isdigit()):
@@ -69,8 +70,12 @@ class Cohort(nn.Module):
 
     def forward_all(self, x: Tensor) -> list[Tensor]:
         """Every member's logits, in member order."""
-        h = self.trunk(x) if self.trunk is not None else x
-        return [member(h) for member in self.members]
+        if self.trunk is None:
+            return [member(x) for member in self.members]
+        h = self.trunk(x)
+        grad = self.trunk_grad_members
+        # members outside ``trunk_grad_members`` read the trunk's output without training it
+        return [member(h if grad is None or i in grad else h.detach()) for i, member in enumerate(self.members)]
 
     @staticmethod
     def ensemble(logits: Sequence[Tensor]) -> Tensor:
@@ -256,9 +261,13 @@ def oekd_resnet(
     widths: Sequence[int] = (16, 32, 64),
     num_blocks: int = 3,
     deploy: str | int = 0,
+    shared_base_grad: str = "all",
 ) -> Cohort:
     """OEKD's student ensemble: a common stem and ``num_students`` CIFAR ResNet branches of the same
-    depth, student ``j`` with ``w·(N-j+1)//N`` channels in its last ``num_blocks`` stages."""
+    depth, student ``j`` with ``w·(N-j+1)//N`` channels in its last ``num_blocks`` stages.
+    ``shared_base_grad``: ``all`` students train the common base, or ``pseudo_teacher_only``."""
+    if shared_base_grad not in ("all", "pseudo_teacher_only"):
+        raise ConfigError(f"shared_base_grad must be 'all' or 'pseudo_teacher_only', got {shared_base_grad!r}")
     if int(num_students) < 2:
         raise ConfigError(f"online.oekd_resnet: num_students must be >= 2, got {num_students}")
     stem_width = int(widths[0])
@@ -268,7 +277,9 @@ def oekd_resnet(
         members.append(ResNetPart(depth, stem_width, w, 1, num_classes=num_classes))
         specs.append(("online.split_resnet", {"depth": depth, "stem_width": stem_width, "trunk_widths": [],
                                               "branch_widths": w}))
-    return Cohort(members, [f"student{j + 1}" for j in range(len(members))], trunk, deploy, specs)
+    cohort = Cohort(members, [f"student{j + 1}" for j in range(len(members))], trunk, deploy, specs)
+    cohort.trunk_grad_members = None if shared_base_grad == "all" else [0]
+    return cohort
 
 
 @register_model("online.branch_resnet")
