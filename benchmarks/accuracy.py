@@ -161,11 +161,11 @@ def append_row(cache_file: Path, row: dict) -> list[dict]:
 
 def finished_run_matches(out: Path, overrides: list[str]) -> bool:
     """A run folder that finished (``metrics.json``) with exactly the configuration of this row."""
-    from kdistill.config import Config, _build, build_config
+    from kdistill.config import Config, build_config
 
     if not (out / "metrics.json").is_file() or not (out / "config.json").is_file():
         return False
-    stored = _build(Config, json.loads((out / "config.json").read_text()))  # keys added since get defaults
+    stored = Config.from_dict(json.loads((out / "config.json").read_text()))  # keys added since get defaults
     return stored.to_dict() == build_config(None, overrides).to_dict()
 
 
