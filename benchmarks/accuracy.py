@@ -45,8 +45,9 @@ ROWS: dict[str, list[str]] = {
     "nst": ["method.name=nst"],
     "crd": ["method.name=crd"],
     "vid": ["method.name=vid"],
+    "hkd": ["method.name=hkd"],
 }
-DEFAULT_ORDER = ["ce", "kd", "reviewkd", "dkd", "crd", "fitnet", "at", "sp", "pkt", "rkd", "nst", "vid", "crd_kd"]
+DEFAULT_ORDER = ["ce", "kd", "reviewkd", "dkd", "crd", "fitnet", "at", "sp", "pkt", "rkd", "nst", "vid", "crd_kd", "hkd"]
 ROWS["crd_kd"] = ["method.name=crd_kd"]
 
 # What a reader needs to interpret a row, shown under the table when the row is present. Numbers
