@@ -70,6 +70,24 @@ def alone_row(args: argparse.Namespace) -> dict | None:
                  if r["method"] == "ce" and r["seed"] == args.seed and r.get("budget") == budget), None)
 
 
+def unfinished_rows(rows: list[dict], args: argparse.Namespace) -> list[dict]:
+    """Rows whose run has not finished: the last validated epoch from the run's own CSV log."""
+    import csv
+
+    partial = []
+    for method in DEFAULT_ORDER:
+        log = Path(args.runs) / f"{method}-seed{args.seed}" / "logs" / "metrics.csv"
+        if any(r["method"] == method for r in rows) or not log.is_file():
+            continue
+        val = [r for r in csv.DictReader(log.open()) if r.get("val/top1")]
+        if not val:
+            continue
+        last = val[-1]
+        nets = {k[9:]: 100 * float(v) for k, v in last.items() if k.startswith("val/top1/") and v}
+        partial.append({"method": method, "epochs_done": int(last["epoch"]) + 1, "networks": nets})
+    return partial
+
+
 def write_table(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
     alone = alone_row(args)
     base = alone["top1_last"] if alone else None
@@ -100,6 +118,19 @@ def write_table(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
         shown = ", ".join(f"{k} {v:.2f}" for k, v in nets.items())
         lines.append(f"| {method} | {shown} | {DEPLOYED[method]} {deployed:.2f} | {r['networks']['ensemble']:.2f} | "
                      f"{delta} | {r['wall_seconds'] / 60:.1f} | {r.get('load', '')} |")
+    partial = unfinished_rows(rows, args)
+    for r in partial:
+        nets = {k: v for k, v in r["networks"].items() if k != "ensemble"}
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in nets.items())
+        lines.append(f"| {r['method']} (**unfinished: epoch {r['epochs_done']} of {args.epochs}**) | {shown} | "
+                     f"{DEPLOYED[r['method']]} {nets.get(DEPLOYED[r['method']], float('nan')):.2f} | "
+                     f"{r['networks'].get('ensemble', float('nan')):.2f} | not comparable | – | – |")
+    if partial:
+        lines += ["", "Unfinished rows: the run did not reach the last epoch before the session ended (the machine "
+                  "was shared, load 11-15 on 2 cores); their accuracies are those of the last validated epoch, "
+                  "from the run's own log, and are not comparable with finished rows (the cosine schedule had "
+                  "not decayed). Running `python benchmarks/online.py` again continues each of them from its last "
+                  "end-of-epoch checkpoint (`kdistill train ... --resume`)."]
     lines += ["", "## Commands", ""]
     if alone:
         lines.append(f"- resnet20 alone: `{alone['command']}`")
@@ -133,7 +164,9 @@ def main() -> None:
         argv = ["train", *overrides(args, data_root), *ROWS[method], f"data.seed={args.seed}", f"seed={args.seed}",
                 f"output={out}"]
         load = os.getloadavg()
-        metrics, seconds, commit = run_kdistill(argv, out, args.threads, f"row {method}")
+        resume = (out / "checkpoints" / "last.ckpt").is_file() and not (out / "metrics.json").is_file()
+        run_argv = [*argv, "--resume"] if resume else argv  # an interrupted row continues from its last epoch
+        metrics, seconds, commit = run_kdistill(run_argv, out, args.threads, f"row {method}")
         shown = "kdistill " + " ".join(shlex.quote(a) for a in argv)
         shown = shown.replace(str(data_root), "$KDISTILL_CACHE/data/tiny100-32").replace(str(ROOT) + "/", "")
         uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()

@@ -29,6 +29,9 @@ def coerce(path: str, value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:  # ``X | None``: X's own error names the nested key and what X expects
+            return coerce(path, value, real[0])
         for arg in args:
             if arg is type(None):
                 continue

@@ -15,8 +15,9 @@ import torch
 
 from kdistill.config import build_config
 from kdistill.engine.build import build_run, load_data
+from kdistill.engine.datamodule import EvalShard
 from kdistill.engine.module import DistillModule
-from kdistill.engine.run import EvalShard, evaluate_model, load_exported, make_strategy
+from kdistill.engine.run import evaluate_model, load_exported, make_strategy
 
 # Each rank trains, then saves what it holds, so the test can compare the ranks.
 DRIVER = """

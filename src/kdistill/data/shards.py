@@ -34,6 +34,7 @@ from kdistill.data.crops import FixedCrop
 from kdistill.data.decode import decode_sample, resolve_decoder
 from kdistill.data.folders import _list_split
 from kdistill.data.transforms import ImageTransform, sample_rng
+from kdistill.files import atomic_write_text
 from kdistill.utils import ConfigError
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,7 @@ def _pack_item(item: tuple[int, str, int]) -> dict[str, Any]:
 def _write_meta(out: str, meta: dict[str, Any], storage_options: dict[str, Any] | None) -> None:
     text = json.dumps(meta, indent=2)
     if not is_url(out):
-        tmp = Path(out) / f".{META}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, Path(out) / META)
+        atomic_write_text(Path(out) / META, text)
         return
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / META

@@ -1,4 +1,4 @@
-"""Callbacks and plugins: honest images/s and data time, atomic checkpoint writes."""
+"""Callbacks and plugins: honest images/s and data time, the per-epoch history, atomic checkpoint writes."""
 
 from __future__ import annotations
 
@@ -44,6 +44,27 @@ class Throughput(L.Callback):
     @property
     def images_per_s(self) -> float:
         return self.epoch_images / self.epoch_time if self.epoch_time else 0.0
+
+
+class History(L.Callback):
+    """Per-epoch validation top-1 and train loss, for the summary and the curve plot."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    # at the validation's end: after the module's own epoch-end hook, which logs a cohort's accuracies
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        m = trainer.callback_metrics
+        self.rows.append({
+            "epoch": trainer.current_epoch + 1,
+            "val_top1": float(m.get("val/top1", float("nan"))),
+            "val_top5": float(m.get("val/top5", float("nan"))),
+            "train_loss": float(m.get("train/loss", float("nan"))),
+            # several networks (online methods): each one's top-1 and the ensemble's
+            **{f"val_top1/{k[9:]}": float(v) for k, v in m.items() if k.startswith("val/top1/")},
+        })
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

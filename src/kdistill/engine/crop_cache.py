@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -46,6 +45,7 @@ from kdistill.data.decode import decode_sample
 from kdistill.data.tensors import BatchAugment
 from kdistill.data.transforms import ImageTransform
 from kdistill.engine.teacher_cache import MANIFEST, TeacherCacheError, _check_usable, _teacher_descriptions
+from kdistill.files import atomic_write, atomic_write_json
 from kdistill.methods.base import Batch, ModelOutput
 from kdistill.utils import ConfigError
 
@@ -308,12 +308,8 @@ def build_crop_cache(
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).unlink(missing_ok=True)  # an interrupted rebuild must not look complete
-    tmp = folder / ".tensors.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    os.replace(tmp, folder / "tensors.safetensors")
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, folder / MANIFEST)
+    atomic_write(folder / "tensors.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write_json(folder / MANIFEST, manifest)
     return CropCache(manifest, params, stored["values"], stored["classes"], stored["fill"])
 
 

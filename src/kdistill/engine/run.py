@@ -19,7 +19,8 @@ from kdistill.checkpoint import CheckpointError, load_weights, read_card, save_s
 from kdistill.config import Config, TrainerConfig
 from kdistill.data import DataBundle, ImageTensors, make_loader
 from kdistill.engine.build import Built, build_run, load_data
-from kdistill.engine.callbacks import AtomicCheckpointIO, Throughput
+from kdistill.engine.callbacks import AtomicCheckpointIO, History, Throughput
+from kdistill.engine.datamodule import TensorDataModule
 from kdistill.engine.module import DistillModule
 from kdistill.files import atomic_write
 from kdistill.models import create_model
@@ -27,62 +28,6 @@ from kdistill.models.cohort import Cohort
 from kdistill.utils import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-class TensorDataModule(L.LightningDataModule):
-    """In-memory train/val loaders, sharded by rank once the trainer knows the world size."""
-
-    def __init__(self, data: DataBundle, cfg: Config):
-        super().__init__()
-        self.data, self.cfg = data, cfg
-
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        t = self.trainer
-        return make_loader(self.data.train, self.cfg.data.batch_size, True, self.cfg.seed,
-                           t.global_rank, t.world_size, self.cfg.data.num_workers)
-
-    def val_dataloader(self) -> torch.utils.data.DataLoader:
-        t = self.trainer
-        sampler = EvalShard(len(self.data.val), self.cfg.data.eval_batch_size, t.global_rank, t.world_size)
-        return torch.utils.data.DataLoader(self.data.val, batch_size=None, sampler=sampler,
-                                           num_workers=self.cfg.data.num_workers, generator=torch.Generator())
-
-
-class EvalShard(torch.utils.data.Sampler[list[int]]):
-    """Rank ``rank``'s share of the validation rows, in order, without padding: every sample is
-    counted exactly once over all ranks, so the reduced accuracy is the accuracy on the whole split."""
-
-    def __init__(self, size: int, batch_size: int, rank: int = 0, world_size: int = 1):
-        self.rows = list(range(rank, size, world_size))
-        self.batch_size = batch_size
-
-    def __len__(self) -> int:
-        return -(-len(self.rows) // self.batch_size)
-
-    def __iter__(self):
-        for start in range(0, len(self.rows), self.batch_size):
-            yield self.rows[start : start + self.batch_size]
-
-
-class History(L.Callback):
-    """Per-epoch validation top-1 and train loss, for the summary and the curve plot."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, float]] = []
-
-    # at the validation's end: after the module's own epoch-end hook, which logs a cohort's accuracies
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        m = trainer.callback_metrics
-        self.rows.append({
-            "epoch": trainer.current_epoch + 1,
-            "val_top1": float(m.get("val/top1", float("nan"))),
-            "val_top5": float(m.get("val/top5", float("nan"))),
-            "train_loss": float(m.get("train/loss", float("nan"))),
-            # several networks (online methods): each one's top-1 and the ensemble's
-            **{f"val_top1/{k[9:]}": float(v) for k, v in m.items() if k.startswith("val/top1/")},
-        })
 
 
 @dataclass
