@@ -53,6 +53,16 @@ ROWS["crd_kd"] = ["method.name=crd_kd"]
 # What a reader needs to interpret a row, shown under the table when the row is present. Numbers
 # come from the run's own logs (runs/bench-accuracy/<row>/logs/metrics.csv, per-step loss terms).
 NOTES: dict[str, str] = {
+    "hkd": (
+        "**HKD far below the student alone at this budget, and why.** Its two contrastive terms (β = 3, K = 4,950 "
+        "negatives of other classes: the 16,384 of the recipe exceed the 5,000-image bank) are 13 times the "
+        "cross-entropy for the whole run: weighted individual term 58.1 in epoch 1 and 58.9 in epoch 10 (unweighted "
+        "19.6, against 2·ln(4,951) = 17.0 for uninformative scores), holistic 27.8 → 24.5, cross-entropy 4.64 → "
+        "4.41 (the student alone: 4.17 in epoch 4, 3.58 in epoch 10). The positives are rows of the other network's "
+        "memory bank, rewritten once per epoch with momentum 0.9: after 10 writes a row still carries 0.9^10 ≈ 35% "
+        "of its random initialisation, so the targets stay mostly noise while the loss that chases them dominates "
+        "the gradient. HKD is a 240-epoch method (each row written 240 times); this table cannot rank it."
+    ),
     "fitnet": (
         "**FitNet is the best row here**, while at 240 epochs on full CIFAR-100 it barely beats the student alone "
         "(69.21 vs 69.06, baselines.md §4.1). This budget is a low-data regime (50 images per class; the teacher saw "
