@@ -117,6 +117,8 @@ def run_kdistill(argv: list[str], out: Path, threads: int, label: str) -> tuple[
         print(f"{label}: reusing the finished run in {out}", flush=True)
         metrics = json.loads((out / "metrics.json").read_text())
         return metrics, metrics.get("train_seconds", 0.0), None
+    if out.exists():  # an unfinished or different run: moved aside (out.replaced-<time>), not mixed into
+        argv = [*argv, "--overwrite"]
     print(f"[{time.strftime('%H:%M:%S')}] {label}: {shown}", flush=True)
     git = ["git", "-C", str(ROOT)]
     commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -176,8 +178,19 @@ def finished_run_matches(out: Path, overrides: list[str]) -> bool:
 
     if not (out / "metrics.json").is_file() or not (out / "config.json").is_file():
         return False
-    stored = Config.from_dict(json.loads((out / "config.json").read_text()))  # keys added since get defaults
-    return stored.to_dict() == build_config(None, overrides).to_dict()
+    from kdistill.methods import parse_method_options
+
+    stored = Config.from_dict(json.loads((out / "config.json").read_text())).to_dict()  # new keys get defaults
+    wanted = build_config(None, overrides).to_dict()
+    # config.json holds every method option as the run used it and the data's own class count
+    given = parse_method_options(wanted["method"]["name"], wanted["method"]["options"]).to_dict()
+    if any(json.dumps(stored["method"]["options"].get(k)) != json.dumps(given[k], default=list)
+           for k in wanted["method"]["options"]):
+        return False
+    for raw in (stored, wanted):
+        raw["method"]["options"] = {}
+        raw["data"]["num_classes"] = None
+    return stored == wanted
 
 
 def write_table(rows: list[dict], args: argparse.Namespace, path: Path) -> None:

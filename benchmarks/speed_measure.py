@@ -278,7 +278,8 @@ def measure_epoch(pair: str, args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(args.tmp) / f"epoch-{pair}"
     common = ["data.name=synthetic", f"data.num_classes={NUM_CLASSES}", f"data.train_size={args.batch * args.epoch_batches}",
               f"data.val_size={args.batch}", f"data.batch_size={args.batch}", f"data.eval_batch_size={args.batch}",
-              f"model={student}", f"teacher.model={teacher}", "method.name=kd", "trainer.max_epochs=1",
+              f"model={student}", f"teacher.model={teacher}", "teacher.allow_untrained=true", "teacher.evaluate=false",
+              "method.name=kd", "trainer.max_epochs=1",
               "trainer.progress_bar=false", "trainer.accelerator=cpu"]
     torch.manual_seed(0)
     built = build_run(build_config(None, [*common, f"output={tmp / 'build'}"]))
@@ -293,7 +294,7 @@ def measure_epoch(pair: str, args: argparse.Namespace) -> dict[str, Any]:
             torch.manual_seed(0)
             b = build_run(cfg)  # same seed: the same teacher weights as the cache's
             c0 = time.process_time()
-            result = fit(cfg, built=b)
+            result = fit(cfg, built=b, overwrite=True)  # each repeat replaces the previous one's folder
             runs[kind].append({"images_per_s": result.images_per_s, "cpu_s": time.process_time() - c0, "wall_s": result.seconds})
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("images_per_s", "cpu_s", "wall_s")} for k, v in runs.items()}
     return {"pair": pair, "method": "epoch", "runs": runs, "median": med, "batches": args.epoch_batches,

@@ -64,3 +64,23 @@ def packed_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]
     folder = make_shard_folder(root / "folder")
     pack_folder(folder, str(root / "packed"), chunk_mb=0.004)
     return folder, root / "packed"
+
+
+def make_image_folder(root: Path, classes: int = 3, train: int = 8, val: int = 4, size: int = 20,
+                      ext: str = "png") -> Path:
+    """A small image folder (train/ and val/, one folder per class) of PNGs whose colour depends on the class,
+    at ``size`` pixels (other than the 16-pixel runs that read it, so resizing is exercised)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train), ("val", val)):
+        for c in range(classes):
+            d = root / split / f"class_{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                base = np.zeros((size, size, 3))
+                base[..., c % 3] = 160
+                pixels = (base + rng.normal(0, 40, (size, size, 3))).clip(0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(d / f"{i:03d}.{ext}")
+    return root

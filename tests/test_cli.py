@@ -37,7 +37,7 @@ def test_train_writes_checkpoints_export_and_card(teacher_run: Path) -> None:
 
 def test_distill_eval_export_reload(teacher_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "kd"
-    code = main(["distill", "model=cifar.resnet8", "method.name=kd", "teacher.model=cifar.resnet14",
+    code = main(["distill", "model=cifar.resnet8", "method.name=kd", "teacher.model=cifar.resnet14", "teacher.allow_untrained=true",
                  f"teacher.checkpoint={teacher_run / 'student.safetensors'}", f"output={out}", *TINY])
     assert code == 0
     printed = capsys.readouterr().out
@@ -100,7 +100,7 @@ def test_bad_input_exit_code_2(argv: list[str], message: str, capsys: pytest.Cap
 
 
 def test_teacher_class_count_mismatch(teacher_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    argv = ["distill", "method.name=kd", "teacher.model=cifar.resnet14", "model=cifar.resnet8",
+    argv = ["distill", "method.name=kd", "teacher.model=cifar.resnet14", "teacher.allow_untrained=true", "model=cifar.resnet8",
             f"teacher.checkpoint={teacher_run / 'student.safetensors'}", f"output={tmp_path / 'x'}",
             *TINY, "data.num_classes=5"]
     assert main(argv) == 2

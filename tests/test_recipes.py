@@ -145,7 +145,7 @@ def test_every_recipe_resolves_to_its_recorded_configuration() -> None:
     defaults, recorded = _recorded()
     names = [name for name, _ in list_recipes()]
     assert sorted(names) == sorted(recorded), set(names) ^ set(recorded)
-    assert len(names) == 193
+    assert len(names) == 194
     for name in names:
         expected = build_config(base=merge(defaults, recorded[name])).to_dict()
         assert build_config(name).to_dict() == expected, name

@@ -34,7 +34,7 @@ TINY = [
     "seed=3", "data.name=synthetic", "data.num_classes=4", "data.train_size=64", "data.val_size=32",
     "data.image_size=16", "data.batch_size=16", "data.eval_batch_size=32", "trainer.max_epochs=2",
     "trainer.progress_bar=false", "trainer.log_every_n_steps=1", "optim.lr=0.05", "optim.schedule=cosine",
-    "student.model=cifar.resnet8", "teachers.0.model=cifar.resnet14",
+    "student.model=cifar.resnet8", "teachers.0.model=cifar.resnet14", "teacher.allow_untrained=true",
 ]
 CASES: dict[str, list[str]] = {
     "kd": ["method.name=kd"],

@@ -64,7 +64,7 @@ def good_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # --- kill and resume ---------------------------------------------------------------------------
 
-KILL = ["distill", "model=cifar.resnet8", "method.name=meal_v1", "teacher.model=cifar.resnet8",
+KILL = ["distill", "model=cifar.resnet8", "method.name=meal_v1", "teacher.model=cifar.resnet8", "teacher.allow_untrained=true",
         "data.num_classes=4", "data.train_size=384", "data.val_size=32", "data.image_size=16",
         "data.batch_size=16", "data.eval_batch_size=32", "trainer.max_epochs=2", "trainer.progress_bar=false",
         "optim.lr=0.05", "optim.milestones=[1]", "optim.gamma=0.5"]
@@ -380,7 +380,7 @@ def test_bad_configuration_exits_2_and_writes_nothing(
         path.write_text(recipe)
         argv.append(str(path))
     before = snapshot(good_run)
-    argv += ["teacher.model=cifar.resnet8", f"output={good_run}", *TINY, *overrides]
+    argv += ["teacher.model=cifar.resnet8", "teacher.allow_untrained=true", f"output={good_run}", *TINY, *overrides]
     code, err = run_cli(argv, capsys)
     assert code == 2 and message in err, err
     assert snapshot(good_run) == before

@@ -90,6 +90,11 @@ def load_weights(model: nn.Module, path: str | Path, prefix: str = "") -> nn.Mod
     state = read_state_dict(path)
     if prefix:
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return _load_checked(model, state, path)
+
+
+def _load_checked(model: nn.Module, state: dict[str, Tensor], path: str | Path) -> nn.Module:
+    """``load_state_dict(strict=True)`` with an error that lists every missing, unexpected and mismatched key."""
     own = model.state_dict()
     for key in own:
         if key.endswith("num_batches_tracked") and key not in state:
@@ -113,6 +118,38 @@ def load_weights(model: nn.Module, path: str | Path, prefix: str = "") -> nn.Mod
     return model
 
 
+def load_pretrained(model: nn.Module, path: str | Path) -> list[str]:
+    """Load pretrained weights (a torchvision or timm state dict saved locally, any class count).
+
+    Every feature weight must match by name and shape. The classifier is the one exception: when the
+    file was trained on another class count, the last linear (or convolution) layer's weight and bias,
+    whose shapes then differ, keep their fresh initialisation. Returns the names of the entries that were not loaded (empty when all were)."""
+    state = read_state_dict(path)
+    own = model.state_dict()
+    head = _classifier_keys(model)
+    replaced = sorted(k for k in head if k in state and k in own and state[k].shape != own[k].shape)
+    for key in replaced:
+        state[key] = own[key]
+    name = getattr(model, "kdistill_name", type(model).__name__)
+    try:
+        _load_checked(model, state, path)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}\n  (pretrained weights for {name!r} must be that model's own state dict, "
+                              "as torchvision or timm save it; only the classifier may differ in size)") from None
+    return replaced
+
+
+def _classifier_keys(model: nn.Module) -> set[str]:
+    """State-dict keys of the last linear or 1x1-convolution layer (the classifier a new class count replaces)."""
+    last = None
+    for mod_name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and mod_name:
+            last = mod_name
+    if last is None:
+        return set()
+    return {f"{last}.weight", f"{last}.bias"}
+
+
 def save_student(model: nn.Module, path: str | Path, card: Mapping[str, Any]) -> Path:
     """Write the student's weights as safetensors and a JSON card (``<path>.json``) beside them."""
     path = Path(path)
@@ -129,13 +166,22 @@ def read_card(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"student export {str(path)!r} does not exist")
+    from kdistill.card import check_card, read_card_file
+
     card_path = path.with_suffix(".json")
     if card_path.is_file():
-        return json.loads(card_path.read_text())
+        return read_card_file(card_path, path)
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as fh:
-        meta = fh.metadata() or {}
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{str(path)!r} is not a readable safetensors file ({exc})") from exc
     if "kdistill_card" not in meta:
         raise CheckpointError(f"{str(path)!r} has no kdistill card")
-    return json.loads(meta["kdistill_card"])
+    try:
+        card = json.loads(meta["kdistill_card"])
+    except ValueError as exc:
+        raise CheckpointError(f"the card in the header of {str(path)!r} is not valid JSON ({exc})") from exc
+    return check_card(card, path)

@@ -21,7 +21,7 @@ from kdistill.utils import ConfigError
 EXIT_CONFIG = 2  # bad configuration or input files; nothing was trained or written
 EXIT_NONFINITE = 3  # a loss became NaN/Inf; the last good checkpoint is kept
 EXIT_WRITE = 4  # a file could not be written (full disk, permissions); the previous file is kept
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C); SIGTERM exits 143 (128 + the signal number)
 
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
@@ -29,6 +29,9 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.lr=0.05 data.batch_size=64")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--resume", action="store_true", help="continue from <output>/checkpoints/last.ckpt")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a folder that holds one: the old folder is moved aside, never deleted")
+    p.epilog = "Every configuration key with its type, default and meaning: kdistill config"
 
 
 def _split_recipe(args: argparse.Namespace) -> tuple[str | None, list[str]]:
@@ -87,7 +90,7 @@ def cmd_fit(args: argparse.Namespace, command: str) -> int:
 
     L.seed_everything(cfg.seed, verbose=False)  # model initialisation is part of the run: same on every rank
     built = build_run(cfg)  # every name, file and shape is checked before training starts
-    _print_result(fit(cfg, resume=args.resume, built=built))
+    _print_result(fit(cfg, resume=args.resume, built=built, overwrite=getattr(args, "overwrite", False)))
     return 0
 
 
@@ -104,7 +107,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from kdistill.engine.run import export
 
-    for path in export(args.checkpoint, args.out, onnx=args.onnx):
+    for path in export(args.checkpoint, args.out, onnx=args.onnx, onnx_preprocess=args.onnx_preprocess):
         print(f"wrote {path}")
     return 0
 
@@ -179,6 +182,33 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    """Every configuration key with its type, default and meaning (docs/config.md is the --markdown form)."""
+    from kdistill.config.reference import render_markdown, render_text
+
+    print(render_markdown() if args.markdown else render_text(), end="\n" if not args.markdown else "")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """A table of finished runs and a PNG of their accuracy and loss curves."""
+    from kdistill.compare import format_table, plot_runs, run_summary
+
+    rows = [run_summary(run) for run in args.runs]
+    print(format_table(rows))
+    print(f"curves: {plot_runs(rows, args.plot)}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """The top classes of each image, preprocessed as the export's card says."""
+    from kdistill.predict import predict
+
+    for path, top in zip(args.images, predict(args.export, args.images, args.top), strict=True):
+        print(f"{path}  " + "  ".join(f"{name} {p:.3f}" for name, p in top))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from kdistill.demo import run_demo
 
@@ -201,7 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export the student to safetensors (+ card) and optionally ONNX")
     p.add_argument("checkpoint", help="run folder, student .safetensors or .ckpt")
     p.add_argument("--out", required=True, help="output path, e.g. student.safetensors")
-    p.add_argument("--onnx", action="store_true", help="also write <out>.onnx")
+    p.add_argument("--onnx", action="store_true", help="also write <out>.onnx (normalised float input at the card's size)")
+    p.add_argument("--onnx-preprocess", action="store_true",
+                   help="also write <out>.onnx taking uint8 RGB images of any size (resize and normalisation inside)")
     p = sub.add_parser("cache-teacher", help="precompute teacher logits for K augmented views of every training image")
     _add_recipe_args(p)
     p.add_argument("--views", type=int, default=8, help="augmented views per image (default 8)")
@@ -216,6 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="processes reading files while packing (default 1)")
     p = sub.add_parser("recipes", help="list the YAML recipes with their descriptions")
     p.add_argument("filter", nargs="?", help="only names containing this text")
+    p = sub.add_parser("compare", help="a table and accuracy/loss curves of finished run folders")
+    p.add_argument("runs", nargs="+", help="run folders")
+    p.add_argument("--plot", default="compare.png", help="PNG of the curves (default compare.png)")
+    p = sub.add_parser("predict", help="classify image files with a student export")
+    p.add_argument("export", help="student .safetensors (with its card), a run folder or a .ckpt")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--top", type=int, default=1, help="classes shown per image (default 1)")
+    p = sub.add_parser("config", help="every configuration key with its type, default and meaning")
+    p.add_argument("--markdown", action="store_true", help="as docs/config.md")
     p = sub.add_parser("demo", help="teacher, plain student and KD student on synthetic (or your) data")
     p.add_argument("--data", help="an image folder with train/ and val/ (default: built-in synthetic data)")
     p.add_argument("--output", default="runs/demo")
@@ -235,24 +276,41 @@ def quiet_lightning(verbose: bool) -> None:
     if not verbose:
         for pattern in (".*LeafSpec.*", ".*overridden `on_after_batch_transfer`.*", ".*smaller than the logging interval.*",
                         ".*litlogger.*", ".*module\\(s\\) in eval mode.*",
+                        ".*Checkpoint directory .* exists and is not empty.*",
                         ".*`IterableDataset` has `__len__` defined.*"):  # LitData gives each worker its own share
             warnings.filterwarnings("ignore", message=pattern)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow the options (``--resume trainer.max_epochs=4``)
+    if extra and hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     quiet_lightning(args.verbose)
+    from kdistill.engine.run import RunAlreadyFinished
+    from kdistill.engine.signals import RunInterrupted, resume_hint
+
     try:
         if args.command in ("train", "distill"):
             return cmd_fit(args, args.command)
         commands = {"eval": cmd_eval, "export": cmd_export, "recipes": cmd_recipes, "demo": cmd_demo,
-                    "cache-teacher": cmd_cache_teacher, "pack": cmd_pack}
+                    "cache-teacher": cmd_cache_teacher, "pack": cmd_pack, "config": cmd_config,
+                    "compare": cmd_compare, "predict": cmd_predict}
         return commands[args.command](args)
     except (ConfigError, CheckpointError) as exc:
         print(f"kdistill {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    except RunAlreadyFinished as exc:
+        print(f"kdistill {args.command}: {exc}")
+        return 0
+    except RunInterrupted as exc:
+        hint = f"; continue with: {resume_hint(argv)}" if exc.checkpoint else "; start it again"
+        print(f"kdistill {args.command}: {exc}{hint}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print(f"kdistill {args.command}: interrupted; continue with --resume from the last checkpoint",
               file=sys.stderr)

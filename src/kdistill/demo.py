@@ -59,7 +59,8 @@ def run_demo(data_root: str | None = None, output: str = "runs/demo", quick: boo
         built = build_run(cfg, data)
         console.print(f"[bold]{name}[/bold]: {cfg.student.model}, method {cfg.method.name}, "
                       f"{cfg.trainer.max_epochs} epochs ...")
-        return fit(cfg, built=built), built.distiller.student
+        # a demo run replaces the previous demo's run of the same name (moved aside, not deleted)
+        return fit(cfg, built=built, overwrite=True), built.distiller.student
 
     teacher_res, teacher = run("teacher", {"model": DEMO["teacher"]["model"], "trainer.max_epochs": epochs_t})
     student_res, student = run("student", {"model": DEMO["student"]["model"], "trainer.max_epochs": epochs_s})
@@ -102,7 +103,7 @@ def plot_curves(histories: dict[str, list[dict]], path: Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, rows in histories.items():
-        ax.plot([r["epoch"] for r in rows], [100 * r["val_top1"] for r in rows], marker="o", label=label)
+        ax.plot([r["epoch"] for r in rows], [r["val_top1"] for r in rows], marker="o", label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation top-1 (%)")
     ax.grid(alpha=0.3)

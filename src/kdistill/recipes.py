@@ -24,8 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from kdistill.safe_yaml import load_yaml
 from kdistill.utils import ConfigError, unknown_name_error
 
 BASE_KEY = "base"
@@ -91,9 +90,7 @@ def read_recipe_file(path: Path) -> dict[str, Any]:
     if size > MAX_BYTES:
         raise ConfigError(f"recipe {str(path)!r} is {size} bytes; a recipe may be at most {MAX_BYTES} bytes")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {exc}") from exc
+        raw = load_yaml(path.read_text(), f"recipe {str(path)!r}")  # nesting and alias expansion bounded
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"recipe {str(path)!r} cannot be read: {exc}") from exc
     if raw is None:

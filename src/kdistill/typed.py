@@ -12,6 +12,7 @@ import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from kdistill.safe_yaml import short_repr
 from kdistill.utils import ConfigError, unknown_name_error
 
 
@@ -39,25 +40,28 @@ def coerce(path: str, value: Any, tp: Any) -> Any:
                 return coerce(path, value, arg)
             except ConfigError:
                 continue
-        raise ConfigError(f"{path}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+        raise ConfigError(f"{path}: expected {' or '.join(_type_name(a) for a in args)}, got {short_repr(value)}")
     if origin is list:
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
+            raise ConfigError(f"{path}: expected a list, got {short_repr(value)}")
         (item,) = typing.get_args(tp)
+        if dataclasses.is_dataclass(item):  # sections in a list are named as overrides name them: teachers.0.model
+            return [coerce(f"{path}.{i}", v, item) for i, v in enumerate(value)]
         return [coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
+            raise ConfigError(f"{path}: expected a list, got {short_repr(value)}")
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(coerce(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ConfigError(f"{path}: expected a list of {len(args)} values, got {value!r}")
+            raise ConfigError(f"{path}: expected a list of {len(args)} values, got {short_repr(value)}")
         return tuple(coerce(f"{path}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        return dict(value)
+            raise ConfigError(f"{path}: expected a mapping, got {short_repr(value)}")
+        key_type, item_type = typing.get_args(tp) or (Any, Any)
+        return {coerce(f"{path}.{k}", k, key_type): coerce(f"{path}.{k}", v, item_type) for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return build_dataclass(tp, value, path)
     if tp is float:
@@ -67,21 +71,21 @@ def coerce(path: str, value: Any, tp: Any) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
+            raise ConfigError(f"{path}: expected a number, got {short_repr(value)}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+            raise ConfigError(f"{path}: expected an integer, got {short_repr(value)}")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+            raise ConfigError(f"{path}: expected true or false, got {short_repr(value)}")
         return value
     if tp is str:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return str(value)  # e.g. teacher.precision=32
         if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
+            raise ConfigError(f"{path}: expected a string, got {short_repr(value)}")
         return value
     return value
 
@@ -100,7 +104,7 @@ def build_dataclass(
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise ConfigError(f"{path or 'recipe'}: expected a mapping, got {raw!r}")
+        raise ConfigError(f"{path or 'recipe'}: expected a mapping, got {short_repr(raw)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     kwargs = {}

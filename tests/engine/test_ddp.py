@@ -44,7 +44,7 @@ for overrides in runs:
                os.path.join(cfg.output, f"rank{rank}.pt"))
 """
 
-COMMON = ["model=cifar.resnet8", "teacher.model=cifar.resnet8", "data.num_classes=4", "data.train_size=64",
+COMMON = ["model=cifar.resnet8", "teacher.model=cifar.resnet8", "teacher.allow_untrained=true", "data.num_classes=4", "data.train_size=64",
           "data.val_size=45", "data.image_size=16", "data.batch_size=16", "data.eval_batch_size=16",
           "trainer.max_epochs=1", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
           "trainer.progress_bar=false", "optim.lr=0.1"]

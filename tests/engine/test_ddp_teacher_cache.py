@@ -76,7 +76,7 @@ torch.save({"state": built.distiller.state_dict(), "steps": steps, "teacher_call
 """
 
 TRAIN_SIZE, BATCH, VIEWS, TEMPERATURE, KD_WEIGHT = 64, 8, 2, 4.0, 0.9
-COMMON = ["data.name=synthetic", "model=cifar.resnet8", "teacher.model=cifar.resnet8", "data.num_classes=4",
+COMMON = ["data.name=synthetic", "model=cifar.resnet8", "teacher.model=cifar.resnet8", "teacher.allow_untrained=true", "data.num_classes=4",
           f"data.train_size={TRAIN_SIZE}", "data.val_size=16", "data.image_size=16", f"data.batch_size={BATCH}",
           "data.eval_batch_size=16", "method.name=kd", "trainer.max_epochs=1", "trainer.accelerator=cpu",
           "trainer.progress_bar=false", "optim.lr=0.1"]

@@ -186,7 +186,7 @@ def test_fp16_and_topk_storage_error(built, tmp_path: Path) -> None:
 
 def test_cache_teacher_and_distill_with_the_cache_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     common = ["data.name=synthetic", "data.num_classes=4", "data.train_size=64", "data.val_size=32", "data.image_size=16",
-              "data.batch_size=32", "data.eval_batch_size=32", "model=cifar.resnet8", "teacher.model=cifar.resnet8",
+              "data.batch_size=32", "data.eval_batch_size=32", "model=cifar.resnet8", "teacher.model=cifar.resnet8", "teacher.allow_untrained=true",
               "method.name=kd", "trainer.max_epochs=1", "trainer.progress_bar=false"]
     cache = tmp_path / "cache"
     assert main(["cache-teacher", *common, "--views", "2", "--out", str(cache)]) == 0

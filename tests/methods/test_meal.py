@@ -477,7 +477,7 @@ def test_build_run_passes_each_teachers_taps(tmp_path) -> None:
         "model=cifar.resnet8", "student.taps={last: layer3}",
         "teachers.0.model=cifar.resnet8", "teachers.0.taps={last: layer3}",
         "teachers.1.model=cifar.wrn_16_1", "teachers.1.taps={last: block3}",
-        "method.name=meal_v1", "method.options.blocks=[last, logits]", "method.options.align=gap_linear", f"output={tmp_path}",
+        "method.name=meal_v1", "method.options.blocks=[last, logits]", "method.options.align=gap_linear", f"output={tmp_path}", "teacher.allow_untrained=true",
     ])
     built = build_run(cfg)
     method = built.distiller.method

@@ -5,6 +5,7 @@ and close matches."""
 from __future__ import annotations
 
 from kdistill.config.schema import Config
+from kdistill.config_values import check_values
 from kdistill.utils import ConfigError, unknown_name_error
 
 CHOICES = {
@@ -18,7 +19,7 @@ CHOICES = {
 def validate(cfg: Config) -> None:
     """Names and ranges that a dataclass type cannot express."""
     from kdistill.data import DATASETS
-    from kdistill.methods import parse_method_options
+    from kdistill.methods import list_methods, parse_method_options
     from kdistill.models import is_known_model, list_models
 
     flat = {
@@ -37,6 +38,8 @@ def validate(cfg: Config) -> None:
     ]:
         if not is_known_model(model):
             raise unknown_name_error(f"model for {where}", model, [*list_models(), "torchvision.<name>", "timm.<name>"])
+    if cfg.method.name not in list_methods():
+        raise ConfigError(f"method.name: {unknown_name_error('method', cfg.method.name, list_methods())}")
     parse_method_options(cfg.method.name, cfg.method.options, "method.options")  # names, types and ranges
     positive = {
         "data.batch_size": cfg.data.batch_size,
@@ -61,3 +64,4 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
     if not 0 < cfg.optim.gamma <= 1:
         raise ConfigError(f"optim.gamma must be in (0, 1], got {cfg.optim.gamma}")
+    check_values(cfg)  # a rule for every key: ranges, names, Lightning and model settings

@@ -1,15 +1,14 @@
 """A recipe (with its ``base:`` recipes) plus ``key=value`` overrides resolved into a checked ``Config``.
-YAML is read with ``yaml.safe_load`` only."""
+YAML is read with ``yaml.safe_load`` only, under limits on size, nesting and alias expansion."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import yaml
-
 from kdistill.config.checks import validate
 from kdistill.config.schema import TEACHER_FIELDS, Config
 from kdistill.recipes import load_recipe
+from kdistill.safe_yaml import load_yaml, short_repr
 from kdistill.utils import ConfigError
 
 
@@ -19,10 +18,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     key = key.strip()
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"malformed override {text!r}: expected key=value, for example optim.lr=0.05")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({exc})") from exc
+    value = load_yaml(raw, f"override {short_repr(text)}: value") if raw.strip() else None
     return key, value
 
 

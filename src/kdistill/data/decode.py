@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from kdistill.data.image_modes import to_rgb
 from kdistill.data.transforms import ImageTransform
 from kdistill.utils import unknown_name_error
 
@@ -50,7 +51,7 @@ def _decode_pil(data: bytes, transform: ImageTransform, train: bool, rng: random
         params = transform.params(*size, train, rng)
         if reduce and im.format == "JPEG":
             im.draft("RGB", transform.reduced_size(*size, params))
-        im = im.convert("RGB")
+        im = to_rgb(im)  # 16-bit, float, palette, CMYK, alpha: faithful 8-bit RGB (data/image_modes.py)
         return transform.apply(im, params, size), params
 
 

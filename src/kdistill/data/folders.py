@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from kdistill.data.image_modes import to_rgb
 from kdistill.data.tensors import ImageTensors
 from kdistill.files import atomic_write, atomic_write_text
 from kdistill.utils import ConfigError
@@ -53,8 +54,9 @@ def _list_split(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, files
 
 
-def _fingerprint(files: list[tuple[Path, int]], image_size: int | None) -> str:
-    h = hashlib.sha256(f"v1 {image_size}".encode())
+def _fingerprint(files: list[tuple[Path, int]], image_size: int | None, on_bad_image: str) -> str:
+    # every setting that changes the decoded result is part of the key; v2: faithful 16-bit/float modes
+    h = hashlib.sha256(f"v2 {image_size} {on_bad_image}".encode())
     for path, label in files:
         st = path.stat()
         h.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -65,7 +67,7 @@ def _decode(path: Path, image_size: int | None) -> torch.Tensor:
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im = to_rgb(im)
         if image_size is not None and im.size != (image_size, image_size):
             im = im.resize((image_size, image_size), Image.BILINEAR)
         data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
@@ -92,7 +94,7 @@ def load_image_folder(
             f"missing: {sorted(set(classes) - set(found_classes))[:5]})"
         )
     cache = Path(cache_dir or default_cache_dir()) / "folders"
-    key = _fingerprint(files, image_size)
+    key = _fingerprint(files, image_size, on_bad_image)
     cached = cache / f"{split_dir.name}-{key}.safetensors"
     if cached.exists():
         blob = load_file(str(cached))
@@ -119,6 +121,10 @@ def load_image_folder(
         targets.append(label)
     if skipped:
         log.warning("skipped %d unreadable images in %s (first: %s)", len(skipped), split_dir, skipped[0])
+        unreadable = [name for label, name in enumerate(found_classes) if label not in set(targets)]
+        if unreadable:
+            raise ConfigError(f"{str(split_dir)!r}: every image of class folder(s) {unreadable[:10]} is unreadable "
+                              f"(first skipped: {skipped[0]!r}); fix or remove them")
     if not images:
         raise ConfigError(f"no readable images in {str(split_dir)!r}")
     tensors = ImageTensors(torch.stack(images), torch.tensor(targets, dtype=torch.long))

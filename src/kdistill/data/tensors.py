@@ -90,9 +90,14 @@ class BatchSampler(torch.utils.data.Sampler[list[int]]):
     ):
         self.size, self.batch_size, self.shuffle, self.drop_last = size, batch_size, shuffle, drop_last
         self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        self.resume_at: tuple[int, int] | None = None  # (epoch, batches already trained in it)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume(self, epoch: int, batches_done: int) -> None:
+        """Make the next pass over ``epoch`` skip the batches a resumed run already trained on."""
+        self.resume_at = (epoch, batches_done)
 
     def _per_rank(self) -> int:
         if self.drop_last:
@@ -114,7 +119,12 @@ class BatchSampler(torch.utils.data.Sampler[list[int]]):
         if total > self.size:  # pad by wrapping so every rank has n samples
             order = torch.cat([order, order[: total - self.size]])
         mine = order[:total][self.rank :: self.world_size]
-        for start in range(0, n, self.batch_size):
+        skip = 0
+        if self.resume_at is not None:
+            if self.resume_at[0] == self.epoch:
+                skip = self.resume_at[1] * self.batch_size
+            self.resume_at = None
+        for start in range(skip, n, self.batch_size):
             chunk = mine[start : start + self.batch_size]
             if self.drop_last and len(chunk) < self.batch_size:
                 break
@@ -129,14 +139,15 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 0,
+    loader_class: type[torch.utils.data.DataLoader] = torch.utils.data.DataLoader,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader yielding ``(uint8 images, targets, indices)`` batches from ``data``."""
+    """A DataLoader (``loader_class``) yielding ``(uint8 images, targets, indices)`` batches from ``data``."""
     sampler = BatchSampler(len(data), batch_size, shuffle=train, drop_last=train and len(data) >= batch_size,
                            seed=seed, rank=rank, world_size=world_size)
     # its own generator: creating an iterator then draws no number from the global RNG, so a resumed
     # run's augmentations (global RNG, restored from the checkpoint) match an uninterrupted run's
-    return torch.utils.data.DataLoader(data, batch_size=None, sampler=sampler, num_workers=num_workers,
-                                       generator=torch.Generator().manual_seed(seed))
+    return loader_class(data, batch_size=None, sampler=sampler, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(seed))
 
 
 class BatchAugment(nn.Module):

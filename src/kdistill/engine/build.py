@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from kdistill.checkpoint import load_weights
+from kdistill.checkpoint import load_pretrained, load_weights
 from kdistill.config import Config, ModelConfig
-from kdistill.data import BatchAugment, DataBundle, build_data
+from kdistill.data import BatchAugment, DataBundle, ImageTensors, build_data
 from kdistill.engine.teacher_cache import TeacherCache, load_teacher_cache
 from kdistill.methods import RunFacts, build_method, parse_method_options
 from kdistill.models import create_model
@@ -28,12 +28,14 @@ class Built:
     distiller: Distiller
     augment: BatchAugment
     teacher_cache: TeacherCache | None = None
+    method_options: dict = field(default_factory=dict)  # as the method runs them (defaults filled in)
+    option_notes: list[str] = field(default_factory=list)  # defaults adapted to this run, and why
 
 
 def load_data(cfg: Config) -> DataBundle:
     """The data set of the recipe."""
     d = cfg.data
-    return build_data(
+    data = build_data(
         d.name,
         root=d.root,
         num_classes=d.num_classes,
@@ -48,11 +50,45 @@ def load_data(cfg: Config) -> DataBundle:
         mean=d.mean,
         std=d.std,
     )
+    if d.val_per_class:
+        data.val = balanced_subset(data.val, d.val_per_class, d.seed)
+    return data
 
 
-def build_model(mc: ModelConfig, num_classes: int, role: str) -> nn.Module:
-    """A model by name with optional weights (checked strictly against its keys and shapes)."""
-    model = create_model(mc.model, num_classes=num_classes, **mc.kwargs)
+def balanced_subset(split: ImageTensors, per_class: int, seed: int) -> ImageTensors:
+    """At most ``per_class`` samples of every class, chosen by ``seed`` (a quick validation set that,
+    unlike the first batches of a class-sorted split, sees every class alike)."""
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in torch.unique(split.targets).tolist():
+        rows = torch.nonzero(split.targets == c).flatten()
+        keep.append(rows[torch.randperm(len(rows), generator=g)[:per_class]])
+    rows = torch.cat(keep).sort().values
+    return ImageTensors(split.images[rows].clone(), split.targets[rows].clone())
+
+
+def build_model(mc: ModelConfig, num_classes: int, role: str, allow_new_head: bool = True) -> nn.Module:
+    """A model by name with optional weights: a ``checkpoint`` of this network, or a ``pretrained`` file whose
+    classifier is replaced when the class count differs (both checked strictly against keys and shapes).
+    A teacher (``allow_new_head=False``) must not get a fresh classifier: it would distil noise."""
+    where = "student" if role == "student" else f"teachers.{role.split()[-1]}"
+    if mc.checkpoint and mc.pretrained:
+        raise ConfigError(f"{where}: set checkpoint (this network, trained) or pretrained (features to start "
+                          "from), not both")
+    try:
+        model = create_model(mc.model, num_classes=num_classes, **mc.kwargs)
+    except TypeError as exc:  # an option the constructor does not take
+        raise ConfigError(f"{role} model {mc.model!r} does not accept kwargs {sorted(mc.kwargs)}: {exc}") from exc
+    if mc.pretrained:
+        replaced = load_pretrained(model, mc.pretrained)
+        if replaced and not allow_new_head:
+            raise ConfigError(
+                f"{where}.pretrained: {mc.pretrained!r} has another class count, so this teacher's classifier would "
+                f"be untrained. Fine-tune it first (kdistill train student.model={mc.model} "
+                f"student.pretrained={mc.pretrained}) and name that run's student.safetensors as {where}.checkpoint, "
+                "or set teacher.allow_untrained=true")
+        log.info("%s %s: pretrained weights from %s%s", role, mc.model, mc.pretrained,
+                 f" (classifier {', '.join(replaced)} initialised for {num_classes} classes)" if replaced else "")
     if mc.checkpoint:
         load_weights(model, mc.checkpoint)
         log.info("%s %s: loaded %s", role, mc.model, mc.checkpoint)
@@ -78,8 +114,13 @@ def build_run(cfg: Config, data: DataBundle | None = None) -> Built:
     check_classes(student, n, "student", data.input_size)
     teachers, teacher_inputs = [], []
     for i, tc in enumerate(cfg.teachers):
-        teacher = build_model(tc, n, f"teacher {i}")
-        if not tc.checkpoint:
+        if not (tc.checkpoint or tc.pretrained) and not cfg.teacher.allow_untrained:
+            raise ConfigError(
+                f"teachers.{i} ({tc.model}) has no trained weights: set teachers.{i}.checkpoint=<file> (a trained "
+                f"teacher) or teachers.{i}.pretrained=<file> (pretrained weights), or teacher.allow_untrained=true "
+                "to distil from an untrained network on purpose")
+        teacher = build_model(tc, n, f"teacher {i}", allow_new_head=cfg.teacher.allow_untrained)
+        if not (tc.checkpoint or tc.pretrained):
             log.warning("teacher %d (%s) has no checkpoint: it is untrained", i, tc.model)
         check_classes(teacher, n, f"teacher {i} ({tc.model})", data.input_size)
         teachers.append(teacher)
@@ -87,6 +128,8 @@ def build_run(cfg: Config, data: DataBundle | None = None) -> Built:
         teacher_inputs.append(Renormalize(data.mean, data.std, tc.mean, tc.std or data.std) if needs else None)
     facts = RunFacts(input_size=data.input_size, num_samples=len(data.train), num_classes=n,
                      max_epochs=cfg.trainer.max_epochs, train_targets=data.train.targets)
+    options = parse_method_options(cfg.method.name, cfg.method.options, "method.options")
+    notes = options.fit_to_run(set(cfg.method.options), facts)
     method = build_method(
         cfg.method.name,
         student=student,
@@ -94,10 +137,10 @@ def build_run(cfg: Config, data: DataBundle | None = None) -> Built:
         facts=facts,
         student_taps=cfg.student.taps or None,
         teacher_taps=[tc.taps or None for tc in cfg.teachers],
-        options=parse_method_options(cfg.method.name, cfg.method.options, "method.options"),
+        options=options,
     )
     distiller = Distiller(student, teachers, method, teacher_inputs)
     augment = BatchAugment(data.mean, data.std, padding=4 if cfg.data.augment else 0, flip=cfg.data.augment)
     distiller.configure_teachers(cfg.teacher.precision, cfg.teacher.channels_last)
     cache = load_teacher_cache(cfg.teacher.cache, distiller, data.train, augment) if cfg.teacher.cache else None
-    return Built(data, distiller, augment, cache)
+    return Built(data, distiller, augment, cache, options.to_dict(), notes)

@@ -7,6 +7,7 @@ import torch
 
 from kdistill.config import Config
 from kdistill.data import DataBundle, make_loader
+from kdistill.engine.resume import ResumableLoader
 
 
 class TensorDataModule(L.LightningDataModule):
@@ -18,8 +19,10 @@ class TensorDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         t = self.trainer
-        return make_loader(self.data.train, self.cfg.data.batch_size, True, self.cfg.seed,
-                           t.global_rank, t.world_size, self.cfg.data.num_workers)
+        loader = make_loader(self.data.train, self.cfg.data.batch_size, True, self.cfg.seed,
+                             t.global_rank, t.world_size, self.cfg.data.num_workers, loader_class=ResumableLoader)
+        loader.progress = lambda: t.fit_loop.epoch_loop.batch_progress.current.processed
+        return loader
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
         t = self.trainer

@@ -22,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from kdistill.config import Config
 from kdistill.data import BatchAugment
 from kdistill.engine.allocator import keep_freed_memory
+from kdistill.engine.nonfinite import diagnose
 from kdistill.engine.schedule import lr_factor
 from kdistill.engine.teacher_cache import CachedTeachers, TeacherCache
 from kdistill.methods.base import Batch, StepInfo
@@ -210,9 +211,14 @@ class DistillModule(L.LightningModule):
         logits, losses = self.distiller.forward_train(batch, info, teachers=self.teacher_source, own_step=own_step)
         for name, value in losses.items():
             if not torch.isfinite(value).all():
+                images, outputs = batch.images, None
+                if self.teacher_source is not None:  # cached teachers: the views the student trained on
+                    seen, outputs = self.teacher_source(batch, self.distiller.method.select_teachers(info))
+                    images = seen.images
+                cause = diagnose(self.distiller, images, self.augment, losses, outputs)
                 raise NonFiniteLossError(
                     f"loss term {name!r} is {value.item()} at epoch {self.current_epoch}, step {self.global_step}; "
-                    "training stopped, the last good checkpoint is kept"
+                    f"{cause}; training stopped, the last good checkpoint is kept"
                 )
         total = sum_losses(losses)
         bs = len(batch.targets)

@@ -110,8 +110,34 @@ class MethodOptions:
     def __post_init__(self) -> None:
         self.check()
 
+    # options counted in epochs whose default was chosen for a schedule of that many epochs; when the user
+    # does not set them, ``fit_to_run`` scales them to the run's length
+    EPOCH_DEFAULTS: ClassVar[dict[str, int]] = {}
+
     def check(self) -> None:
         """Raise ConfigError for an out-of-range option (override in a method's options)."""
+
+    def fit_to_run(self, given: set[str], facts: RunFacts) -> list[str]:
+        """Adapt the defaults the user did not set (not in ``given``) to the run: every epoch-counted option
+        is scaled to ``facts.max_epochs`` (rounded, e.g. a 20-epoch warm-up of a 240-epoch schedule is 2
+        epochs of a 24-epoch run). Returns one note per changed option, saying what changed and why."""
+        notes = []
+        max_epochs = facts.max_epochs
+        for key, schedule in self.EPOCH_DEFAULTS.items():
+            default = getattr(self, key)
+            if key in given or max_epochs is None or max_epochs == schedule:
+                continue
+            scaled = int(round(default * max_epochs / schedule))
+            if scaled != default:
+                setattr(self, key, scaled)
+                notes.append(f"{key}={scaled} (default {default} is for {schedule} epochs; scaled to this run's "
+                             f"{max_epochs}; set it to override)")
+        self.check()
+        return notes
+
+    def to_dict(self) -> dict[str, Any]:
+        """The options as plain values (for config.json and the printed start of a run)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None, method: str, where: str = "") -> MethodOptions:
@@ -122,7 +148,12 @@ class MethodOptions:
             at = f" ({where}.{key})" if where else ""
             return unknown_name_error(f"option of method {method!r}{at}", key, allowed)
 
-        return build_dataclass(cls, dict(values or {}), where, unknown=unknown)
+        try:
+            return build_dataclass(cls, dict(values or {}), where, unknown=unknown)
+        except ConfigError as exc:  # a range check of check(): say where the option lives
+            if not where or where in str(exc):
+                raise
+            raise ConfigError(f"{where} of method {method!r}: {exc}") from exc
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:

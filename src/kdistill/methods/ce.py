@@ -18,6 +18,7 @@ from kdistill.methods.base import (
     check_weight,
     register_method,
 )
+from kdistill.utils import ConfigError
 
 
 @dataclass
@@ -29,6 +30,8 @@ class CEOptions(MethodOptions):
 
     def check(self) -> None:
         check_weight("ce_weight", self.ce_weight)
+        if not 0 <= self.label_smoothing < 1:  # also false for NaN
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 @register_method

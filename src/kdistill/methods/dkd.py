@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -35,6 +36,7 @@ class DKDOptions(MethodOptions):
     beta: float = 8.0
     temperature: float = 4.0
     warmup_epochs: int = 20
+    EPOCH_DEFAULTS: ClassVar[dict[str, int]] = {"warmup_epochs": 240}  # CIFAR's 240-epoch schedule
 
     def check(self) -> None:
         check_weight("ce_weight", self.ce_weight)

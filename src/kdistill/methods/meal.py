@@ -61,6 +61,7 @@ from kdistill.methods.base import (
     Method,
     MethodOptions,
     ModelOutput,
+    RunFacts,
     StepInfo,
     check_choice,
     check_weight,
@@ -155,6 +156,11 @@ class MEALOptions(MethodOptions):
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         for name in ("hard_label_weight", "adv_weight", "grl_lambda", "d_lr", "d_momentum", "d_weight_decay"):
             check_weight(name, getattr(self, name))
+        for name in ("disc_depth", "disc_outputs", "disc_reduction"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
 
 
 @register_method
@@ -413,6 +419,23 @@ class MEALV2Options(MEALOptions):
     disc_reduction: int = 8
     d_lr: float = 1e-4
     d_weight_decay: float = 0.0
+
+    def fit_to_run(self, given: set[str], facts: RunFacts) -> list[str]:
+        """K=8 is for ImageNet's 1000 logits (1000 → 125 → 15); with few classes the widths would reach 0,
+        so an unset ``disc_reduction`` becomes the largest K whose narrowest hidden layer keeps 2 units."""
+        notes = super().fit_to_run(given, facts)
+        n = facts.num_classes
+        if "disc_reduction" in given or n is None or "logits" not in self.blocks:
+            return notes
+        default = self.disc_reduction
+        if n // default ** self.disc_depth >= 1:  # the narrowest hidden width is n // K**depth
+            return notes
+        fits = [k for k in range(default, 0, -1) if n // k ** self.disc_depth >= 2] or [1]
+        self.disc_reduction = fits[0]
+        notes.append(f"disc_reduction={fits[0]} (default {default} is for 1000 classes; the logit discriminator's "
+                     f"widths would reach 0 with {n}; set it to override)")
+        self.check()
+        return notes
 
 
 @register_method

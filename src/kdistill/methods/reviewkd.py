@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +115,7 @@ class ReviewKDOptions(MethodOptions):
     loss_weight: float = 1.0
     ce_weight: float = 1.0
     warmup_epochs: int = 20
+    EPOCH_DEFAULTS: ClassVar[dict[str, int]] = {"warmup_epochs": 240}  # CIFAR's 240-epoch schedule
     warmup_epoch_base: int = 0
     mid_channels: int | None = None
     max_mid_channels: int = 512
