@@ -65,7 +65,7 @@ NOTES: dict[str, str] = {
     ),
     "fitnet": (
         "**FitNet is the best row here**, while at 240 epochs on full CIFAR-100 it barely beats the student alone "
-        "(69.21 vs 69.06, baselines.md §4.1). This budget is a low-data regime (50 images per class; the teacher saw "
+        "(69.21 vs 69.06 in the CRD paper's table, docs/methods/fitnet.md). This budget is a low-data regime (50 images per class; the teacher saw "
         "500): a dense per-position target for the student's middle stage, from features learned on ten times more "
         "images, is plausibly worth more here than with the full data. One seed; the ranking between FitNet, NST, "
         "DKD and ReviewKD at this budget is not established beyond it."
@@ -75,7 +75,7 @@ NOTES: dict[str, str] = {
         "embeddings; 2.10 in epoch 1, 1.17 in epoch 10) is as large as the cross-entropy and pulls the student toward "
         "the teacher's sample geometry before it can classify: the run's train cross-entropy is 4.54 in epoch 4 and "
         "4.08 in epoch 10, against 4.17 and 3.58 for the student alone (means of the logged steps). At 240 epochs the published gain is small "
-        "(+0.55 points for resnet56 → resnet20, baselines.md §4.1) and negative for resnet32x4 → resnet8x4 (71.90 vs "
+        "(+0.55 points for resnet56 → resnet20 in the CRD paper's table, docs/methods/rkd.md) and negative for resnet32x4 → resnet8x4 (71.90 vs "
         "72.50), so a short budget that leaves the cross-entropy behind shows RKD at its worst."
     ),
     "crd": (

@@ -1,15 +1,15 @@
 """MEAL benchmark: an ensemble of two different teachers, both trained here, distilled into resnet20.
 
-Issue 4 / ``../shared/specs/meal.md``. Stage 1 trains two teachers of different families on the
+MEAL v1 and MEAL V2 as in docs/methods/meal.md. Stage 1 trains two teachers of different families on the
 *full* ``tiny100-32`` train split with the project's own command (``kdistill train``): by default
 ``cifar.resnet32`` and ``cifar.wrn_16_1`` (a ResNet and a wide ResNet). Stage 2 distils them into ``cifar.resnet20`` on the short
 budget of ``benchmarks/accuracy.py`` (50 images per class, 10 epochs, the same optimiser, seed and
 val split), with
 
 - ``meal_v1``: one teacher drawn at random per batch (only that teacher runs), logits block,
-  soft cross-entropy similarity + discriminator, cooperative (meal.md §1.8, the ensemble command);
+  soft cross-entropy similarity + discriminator, cooperative (the authors' ensemble command);
 - ``meal_v2``: both teachers every step, mean of their probabilities as the target, KL similarity and
-  a discriminator on the mean logits (meal.md §2);
+  a discriminator on the mean logits (MEAL V2);
 - ``kd-best``: KD (T=4) from the better of the two teachers (by its val top-1), the usual baseline;
 - ``ce``: the student alone, read from the accuracy benchmark's CE row when its budget matches.
 
@@ -112,7 +112,7 @@ def write_table(rows: list[dict], teachers: list[dict], args: argparse.Namespace
     by = {r["method"]: r for r in rows}
     ce = by.get("ce")
     lines = [
-        "# MEAL benchmark: two different teachers → resnet20 on tiny100-32 (issue 4)",
+        "# MEAL benchmark: two different teachers → resnet20 on tiny100-32",
         "",
         f"- Teachers: trained here with `kdistill train` on the full tiny100-32 train split (50,000 images), "
         f"{args.teacher_epochs} epochs, batch 64, SGD Nesterov lr 0.1, 15% warm-up then cosine, wd 5e-4, pad-4 crop + flip, seed 0.",
@@ -147,7 +147,7 @@ def write_table(rows: list[dict], teachers: list[dict], args: argparse.Namespace
     if all(n in by for n in ("kd-best", "meal_v1", "meal_v2")):
         lines += ["", "Reading the rows: the rows differ in more than the teachers. `kd-best` is the KD row of the "
                   "accuracy benchmark (T = 4, 0.9 · KD + 0.1 · cross-entropy on the labels); the MEAL rows use the "
-                  "published settings (meal.md §5): soft cross-entropy at T = 1 plus the discriminator, and **no hard "
+                  "published settings (docs/methods/meal.md): soft cross-entropy at T = 1 plus the discriminator, and **no hard "
                   "labels**. With teachers right on 19% of val images (25% for the pair), the labels carry information "
                   "the teachers lack, which only the KD row uses; a MEAL row with `hard_label_weight=1` would separate "
                   "that effect (not run: budget). One seed per row; the seed-to-seed spread was not measured, so "

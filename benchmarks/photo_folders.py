@@ -5,7 +5,7 @@ Three kinds, all in the ``<root>/<split>/<class>/<file>.jpg`` layout, written to
 * ``photos``: ``--count`` JPEGs of ordinary photo sizes (500×375, 375×500, 500×333, 640×480, ...), each a random
   crop of one of the 200 COCO photos, resized, maybe mirrored, saved at quality 85–95 (for the input-pipeline benchmark);
 * ``objects``: every annotated COCO object (box at least 32 px a side) cropped with a margin into a folder named after
-  its category, at its own size; train2017 objects → ``train/``, val2017 objects → ``val/`` (a real-image classification set);
+  its category, at its own size; every fourth object of a category → ``val/`` (a real-image classification set);
 * ``imagenet-layout``: ``--classes`` class folders (``n00000000`` ...) with ``--per-class`` photo crops in ``train/``
   and ``val/`` (the layout of ImageNet, for smoke runs of the ImageNet recipes).
 
@@ -26,10 +26,10 @@ import shutil
 import tarfile
 from pathlib import Path
 
+from common import SHARED
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-ARCHIVE = ROOT.parent / "shared" / "data" / "coco128-seg.tar.gz"
+ARCHIVE = SHARED / "data" / "coco128-seg.tar.gz"
 PHOTO_SIZES = ((500, 375), (375, 500), (500, 333), (333, 500), (640, 480), (480, 640), (500, 400), (450, 338))
 
 
@@ -86,37 +86,37 @@ def make_photos(out: Path, count: int, classes: int, cache: Path, seed: int = 0,
     _finish(tmp, out, {"kind": "photos", "count": count, "classes": classes, "seed": seed, "val": n_val})
 
 
-def make_objects(out: Path, cache: Path, min_side: int = 32, margin: float = 0.1) -> None:
-    """Every COCO object of at least ``min_side`` px a side, cropped with ``margin`` into its category's folder."""
+def make_objects(out: Path, cache: Path, min_side: int = 32, margin: float = 0.1, min_count: int = 8) -> None:
+    """Every COCO object of at least ``min_side`` px a side (both COCO splits), cropped with ``margin`` into its
+    category's folder; every fourth object of a category goes to ``val/``; categories with fewer than ``min_count``
+    objects are left out."""
     coco = coco_root(cache)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    counts: dict[str, dict[str, int]] = {}
-    for split, name in (("train", "train2017"), ("val", "val2017")):
+    objects: dict[str, list[tuple[Path, tuple[int, int, int, int], int]]] = {}  # annotation ids repeat across splits
+    for name in ("train2017", "val2017"):
         ann = json.loads((coco / "annotations" / f"instances_{name}.json").read_text())
         cats = {c["id"]: c["name"].replace(" ", "_") for c in ann["categories"]}
-        files = {im["id"]: im["file_name"] for im in ann["images"]}
+        files = {im["id"]: coco / name / Path(im["file_name"]).name for im in ann["images"]}
         for a in ann["annotations"]:
             x, y, w, h = a["bbox"]
-            if w < min_side or h < min_side:
-                continue
-            with Image.open(coco / name / Path(files[a["image_id"]]).name) as im:
-                im = im.convert("RGB")
+            if w >= min_side and h >= min_side:
                 mx, my = w * margin, h * margin
-                box = (max(0, int(x - mx)), max(0, int(y - my)), min(im.width, int(x + w + mx)), min(im.height, int(y + h + my)))
-                folder = tmp / split / cats[a["category_id"]]
-                folder.mkdir(parents=True, exist_ok=True)
-                im.crop(box).save(folder / f"{a['id']}.jpg", quality=92)
-            counts.setdefault(split, {}).setdefault(cats[a["category_id"]], 0)
-            counts[split][cats[a["category_id"]]] += 1
-    # keep the categories present in both splits with at least 3 training objects
-    keep = sorted(c for c, n in counts["train"].items() if n >= 3 and counts["val"].get(c, 0) >= 1)
-    for split in ("train", "val"):
-        for folder in (tmp / split).iterdir():
-            if folder.name not in keep:
-                shutil.rmtree(folder)
-    _finish(tmp, out, {"kind": "objects", "min_side": min_side, "margin": margin,
-                       "classes": {c: [counts["train"][c], counts["val"][c]] for c in keep}})
+                box = (int(x - mx), int(y - my), int(x + w + mx), int(y + h + my))
+                objects.setdefault(cats[a["category_id"]], []).append((files[a["image_id"]], box, a["id"]))
+    counts = {}
+    for cat, items in sorted(objects.items()):
+        if len(items) < min_count:
+            continue
+        for k, (path, box, ann_id) in enumerate(items):
+            folder = tmp / ("val" if k % 4 == 3 else "train") / cat
+            folder.mkdir(parents=True, exist_ok=True)
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                clipped = (max(0, box[0]), max(0, box[1]), min(im.width, box[2]), min(im.height, box[3]))
+                im.crop(clipped).save(folder / f"{path.parent.name}-{ann_id}.jpg", quality=92)
+        counts[cat] = [len(items) - len(items) // 4, len(items) // 4]
+    _finish(tmp, out, {"kind": "objects", "min_side": min_side, "margin": margin, "classes": counts})
 
 
 def make_imagenet_layout(out: Path, classes: int, per_class: int, cache: Path, seed: int = 0) -> None:

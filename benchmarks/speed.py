@@ -1,4 +1,4 @@
-"""Speed harness (issue 6): training-step time of each method next to two floors measured in the same process.
+"""Speed harness (docs/speed.md): training-step time of each method next to two floors measured in the same process.
 
 For each pair (resnet56 → resnet20, resnet32x4 → resnet8x4; batch 64, 32×32, 100 classes) and method,
 one child process builds the models and measures, interleaved step by step so that a changing

@@ -51,7 +51,7 @@ METHODS = {
     "reviewkd": {"loss_weight": 1.0, "warmup_epochs": 0},
     "meal_v2": {},
     "kd+cache": {},
-    # the baselines (issue 5) and MEAL v1: informative rows, no target of issue 6 applies to them
+    # the classic baselines and MEAL v1: informative rows, no speed target applies to them
     "crd": {"num_samples": 50_000},  # CIFAR-100's train split: the memory banks' real size
     "fitnet": {},
     "at": {},

@@ -24,7 +24,7 @@ def paired(r: dict[str, Any]) -> str:
 
 def write_report(path: Path, rows: dict[str, Any], meta: dict[str, Any]) -> None:
     lines = [
-        "# Speed: training-step time per method against the floors (issue 6)",
+        "# Speed: training-step time per method against the floors",
         "",
         f"Machine: {meta['machine']}",
         "Commands (in order; rows are cached and resumed):",

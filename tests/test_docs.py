@@ -78,3 +78,44 @@ def test_docs_stand_alone() -> None:
         text = md.read_text()
         for bad in ("spec §", "specs/", "../shared", "§"):
             assert bad not in text, f"{md.relative_to(ROOT)} contains {bad!r}"
+
+
+SOURCE_DIRS = ("src", "tests", "benchmarks")
+OUTSIDE = re.compile(r"(?<![\w.$])(?:/work|/home|/root|/Users|/tmp)/|\.\./shared/specs|shared/specs|(?<![\w.])specs/")
+CITATION = re.compile(r"§|\bspec(?:ification)? §|\b[Ii]ssue \d+\b|(?<![\w&#])#\d+\b")
+MD_FILE = re.compile(r"(?<![\w./-])([\w./-]+\.md)\b")
+
+
+def _python_files(*folders: str) -> list[Path]:
+    return sorted(p for folder in folders for p in (ROOT / folder).rglob("*.py"))
+
+
+def test_source_stands_alone() -> None:
+    """No file under src/ points at a path outside the repository, cites a specification section
+    or an issue number, or names a Markdown file other than README.md and docs/...; tests and benchmarks
+    cite no specification section or issue number either (they may read ../shared/data and
+    ../shared/teachers, relative to the repository)."""
+    problems = []
+    for path in _python_files("src"):
+        text = path.read_text()
+        for pattern in (OUTSIDE, CITATION):
+            problems += [f"{path.relative_to(ROOT)}: {m.group(0)!r}" for m in pattern.finditer(text)]
+        for name in MD_FILE.findall(text):  # repository paths only: README.md, docs/...; method pages exist
+            if not (name == "README.md" or name.startswith("docs/")):
+                problems.append(f"{path.relative_to(ROOT)}: names {name!r}, not a path in the repository")
+            elif name.startswith("docs/methods/") and not (ROOT / name).is_file():
+                problems.append(f"{path.relative_to(ROOT)}: names {name!r}, which does not exist")
+    for path in _python_files("tests", "benchmarks"):
+        if path == Path(__file__).resolve():
+            continue
+        text = path.read_text()
+        problems += [f"{path.relative_to(ROOT)}: {m.group(0)!r}" for m in CITATION.finditer(text)]
+        problems += [f"{path.relative_to(ROOT)}: {m.group(0)!r}" for m in re.finditer(r"shared/specs|specs/\w", text)]
+    assert not problems, "\n".join(problems)
+
+
+def test_standalone_patterns_catch_what_they_should() -> None:
+    assert CITATION.search("see baselines spec §2.1") and CITATION.search("(issue 6)") and CITATION.search("defect #9")
+    assert OUTSIDE.search("../shared/specs/meal.md") and OUTSIDE.search("data.root=/root/.cache/x")
+    assert not CITATION.search("docs/methods/kd.md, Hinton et al. 2015") and not OUTSIDE.search("$KDISTILL_CACHE/data")
+    assert MD_FILE.findall("see docs/methods/kd.md and meal.md") == ["docs/methods/kd.md", "meal.md"]

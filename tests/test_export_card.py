@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,8 @@ def test_export_to_a_path_its_card_or_graph_would_share_is_refused(
 def test_export_with_onnx_writes_three_distinct_files(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     pytest.importorskip("onnx")
     out = tmp_path / "s.safetensors"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / f".s.safetensors.tmp-{int(dead.stdout)}").write_bytes(b"half an export")  # its writer was killed
     assert main(["export", str(run), "--out", str(out), "--onnx"]) == 0
     assert {p.name for p in tmp_path.iterdir()} == {"s.safetensors", "s.json", "s.onnx"}
     assert json.loads((tmp_path / "s.json").read_text())["model"] == "cifar.resnet8"

@@ -15,7 +15,7 @@ class Tiny(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.bn = nn.BatchNorm2d(4)
-        self.act = nn.ReLU(inplace=True)  # the in-place hazard of spec §7.9
+        self.act = nn.ReLU(inplace=True)  # an in-place op after a tapped module
         self.head = nn.Linear(4, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,10 @@
-"""The model zoo: CIFAR families (baselines spec §7), ImageNet MobileNetV1 (ReviewKD spec §9.2).
+"""The model zoo: the CIFAR-100 benchmark families (RepDistiller, mdistiller), ImageNet MobileNetV1 (ReviewKD).
 
 Checks per model: state-dict key→shape map equal to the shared-checkpoint layout
-(``cifar_state_dict_keys.json``), parameter counts equal the §7.1 table, logits shape. Per family:
+(``tests/data/cifar_state_dict_keys.json``), parameter counts equal the published table, logits shape. Per family:
 the stage preset taps (post- and pre-ReLU) equal reference features computed here independently
-from the spec's description by running sub-modules by hand, with the §7.1 shapes; a wrong module
-name is reported with the available names; WRN pre-ReLU taps do not touch BN statistics (defect
-#13); a checkpoint in the shared CIFAR format loads.
+from the reference definitions by running sub-modules by hand, with the reference shapes; a wrong module
+name is reported with the available names; WRN pre-ReLU taps do not touch BN statistics; a checkpoint in the shared CIFAR format loads.
 """
 
 from __future__ import annotations
@@ -23,15 +22,15 @@ import kdistill
 from kdistill.features import FeatureRecorder, stage_taps
 from kdistill.utils import ConfigError
 
-KEYS_JSON = Path(__file__).resolve().parents[2] / "shared" / "specs" / "cifar_state_dict_keys.json"
-if not KEYS_JSON.is_file():
-    KEYS_JSON = Path("/work/shared/specs/cifar_state_dict_keys.json")
+# every state-dict key and shape of the reference CIFAR-100 models (100 classes), as the shared
+# <name>_vanilla/ckpt_epoch_240.pth teacher checkpoints hold them
+KEYS_JSON = Path(__file__).resolve().parent / "data" / "cifar_state_dict_keys.json"
 
 # reference constructor name (JSON key) -> kdistill registry name
 REGISTRY_NAME = {"MobileNetV2": "cifar.mobile_half", "ShuffleV1": "cifar.shufflev1", "ShuffleV2": "cifar.shufflev2",
                  "ResNet50": "cifar.resnet50"}
 
-# baselines spec §7.1: trainable parameters at 100 classes
+# trainable parameters at 100 classes, as published with the reference definitions
 TABLE_PARAMS = {
     "resnet8": 83_892, "resnet14": 181_108, "resnet20": 278_324, "resnet32": 472_756, "resnet44": 667_188,
     "resnet56": 861_620, "resnet110": 1_736_564, "resnet8x4": 1_233_540, "resnet32x4": 7_433_860,
@@ -51,8 +50,6 @@ def _one_thread():
 
 
 def _layouts() -> dict:
-    if not KEYS_JSON.is_file():
-        pytest.skip(f"shared spec file {KEYS_JSON} is absent")
     return json.loads(KEYS_JSON.read_text())["models"]
 
 
@@ -112,7 +109,7 @@ def test_mobilenet_v1_layout_and_params() -> None:
     assert len(sd) == 6 + 13 * 12 + 2  # stem conv + BN (5 entries); per block 2 convs + 2 BNs; fc
 
 
-# --- reference features, written from the spec's description ------------------------------------
+# --- reference features, written from the reference definitions ----------------------------------
 
 
 def _shuffle(x: Tensor, groups: int) -> Tensor:
@@ -122,7 +119,7 @@ def _shuffle(x: Tensor, groups: int) -> Tensor:
 
 
 def _ref_cifar_resnet(m: nn.Module, x: Tensor, n_stages: int, last_bn: str, shortcut: str):
-    """§7.2/§7.8: post = stage outputs; pre = last block's residual sum before its ReLU."""
+    """ResNet / ResNet50: post = stage outputs; pre = last block's residual sum before its ReLU."""
     out = F.relu(m.bn1(m.conv1(x)))
     post, pre = [out], [out]
     for s in range(1, n_stages + 1):
@@ -140,7 +137,7 @@ def _ref_cifar_resnet(m: nn.Module, x: Tensor, n_stages: int, last_bn: str, shor
 
 
 def _ref_wrn(m: nn.Module, x: Tensor):
-    """§7.3: post = raw group sums; pre = the next BN applied (eval mode: no side effects)."""
+    """WRN: post = raw group sums; pre = the next BN applied (eval mode: no side effects)."""
     out = m.conv1(x)
     post = [out]
     for group in (m.block1, m.block2, m.block3):
@@ -154,7 +151,7 @@ def _ref_wrn(m: nn.Module, x: Tensor):
 
 
 def _ref_vgg(m: nn.Module, x: Tensor):
-    """§7.4: conv-BN(-ReLU) chains by hand; block outputs are the last BN, ReLU applied outside."""
+    """VGG: conv-BN(-ReLU) chains by hand; block outputs are the last BN, ReLU applied outside."""
 
     def block(seq: nn.Sequential, h: Tensor) -> Tensor:
         convs = [mod for mod in seq if isinstance(mod, nn.Conv2d)]
@@ -178,7 +175,7 @@ def _ref_vgg(m: nn.Module, x: Tensor):
 
 
 def _ref_mobilenetv2(m: nn.Module, x: Tensor):
-    """§7.5: linear group outputs after groups 1, 2, 4, 6 (pre = post)."""
+    """MobileNetV2: linear group outputs after groups 1, 2, 4, 6 (pre = post)."""
     out = m.conv1(x)
     feats = [out]
     for g, group in enumerate(m.blocks):
@@ -192,7 +189,7 @@ def _ref_mobilenetv2(m: nn.Module, x: Tensor):
 
 
 def _ref_shufflev1(m: nn.Module, x: Tensor):
-    """§7.6: group conv, shuffle, depthwise, group conv; add identity or concat avg-pooled input."""
+    """ShuffleNetV1: group conv, shuffle, depthwise, group conv; add identity or concat avg-pooled input."""
     out = F.relu(m.bn1(m.conv1(x)))
     post, pre = [out], [out]
     for s in (1, 2, 3):
@@ -211,7 +208,7 @@ def _ref_shufflev1(m: nn.Module, x: Tensor):
 
 
 def _ref_shufflev2(m: nn.Module, x: Tensor):
-    """§7.7: pre-ReLU stage feature = concat[x1, last bn3 output], not shuffled."""
+    """ShuffleNetV2: pre-ReLU stage feature = concat[x1, last bn3 output], not shuffled."""
     out = F.relu(m.bn1(m.conv1(x)))
     post, pre = [out], [out]
     for s in (1, 2, 3):
@@ -232,7 +229,7 @@ def _ref_shufflev2(m: nn.Module, x: Tensor):
 
 
 def _ref_mobilenet_v1(m: nn.Module, x: Tensor):
-    """ReviewKD §6/§9.2: blocks 3, 5, 11, 13 before their final ReLU (pre) or after it (post)."""
+    """MobileNetV1 as ReviewKD uses it: blocks 3, 5, 11, 13 before their final ReLU (pre) or after it (post)."""
     out = m.model[0](x)
     post, pre = [out], [out]
     for i in range(1, 14):
@@ -245,7 +242,7 @@ def _ref_mobilenet_v1(m: nn.Module, x: Tensor):
     return post, pre, out.mean((2, 3))
 
 
-# name, reference function, input side, expected (channels, spatial) for stem, stages, pooled (§7.1)
+# name, reference function, input side, expected (channels, spatial) for stem, stages, pooled
 FAMILIES = {
     "cifar.resnet8": (lambda m, x: _ref_cifar_resnet(m, x, 3, "bn2", "downsample"), 32,
                       [(16, 32), (16, 32), (32, 16), (64, 8)], 64),
@@ -302,7 +299,7 @@ def _classifier(model: nn.Module) -> str:
 
 
 def test_shufflev2_pre_relu_is_unshuffled_concat() -> None:
-    # defect #14: the pre-ReLU feature keeps the un-shuffled channel order, so after a ReLU it is a
+    # as in the reference, the pre-ReLU feature keeps the un-shuffled channel order, so after a ReLU it is a
     # channel permutation of the post-ReLU stage output, not equal to it
     model = _build("cifar.shufflev2").eval()
     taps = {"post": "layer1", "pre": stage_taps(model, preact=True)["stage1"]}
@@ -336,7 +333,7 @@ def test_wrong_tap_name_lists_available(name: str, bad: str, real: str) -> None:
     assert repr(bad) in message and real in message and "Allowed" in message
 
 
-# --- WRN pre-ReLU taps have no side effects (defect #13) -----------------------------------------
+# --- WRN pre-ReLU taps have no side effects ---------------------------------------------------------
 
 
 def test_wrn_pre_relu_taps_leave_bn_statistics_alone() -> None:

@@ -64,6 +64,26 @@ def read_card_file(path: Path, source: str | Path) -> dict[str, Any]:
     return check_card(card, source)
 
 
+def remove_dead_temporaries(target: Path) -> list[Path]:
+    """Remove ``.<name>.tmp-<pid>`` files beside ``target`` whose writing process no longer runs
+    (an export killed mid-write); a live process's temporary is left alone."""
+    import os
+
+    removed = []
+    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+        except PermissionError:  # alive, owned by someone else
+            continue
+    return removed
+
+
 def export_paths(out: str | Path, onnx: bool) -> tuple[Path, Path, Path | None]:
     """Where an export writes: weights, card and (optionally) ONNX graph, three different files.
 

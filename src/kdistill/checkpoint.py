@@ -1,4 +1,4 @@
-"""Loading and saving weights safely (baselines spec §7.10, the normative loader).
+"""Loading and saving weights safely (README.md, "Security").
 
 Only ``torch.load(..., weights_only=True)`` or safetensors: a pickle with executable content is
 refused, never run. Writes go to a temporary file first and are renamed into place, so a kill or

@@ -113,7 +113,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
-    """Precompute the teachers' logits for K augmented views of every training image (issue 6)."""
+    """Precompute the teachers' logits for K augmented views of every training image (docs/speed.md)."""
     cfg = _resolve(args, "distill")
     if args.print_config:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -57,6 +57,11 @@ def choices(*allowed: str) -> Rule:
     return check
 
 
+def in_memory(key: str, value: Any) -> None:
+    """``auto``, ``true`` or ``false`` (YAML's booleans too)."""
+    choices("auto", "true", "false")(key, str(value).lower())
+
+
 def channel_stats(positive: bool) -> Rule:
     """Per-channel normalisation: 1 or 3 finite numbers (std: each > 0, or every input becomes inf)."""
     def check(key: str, value: Any) -> None:
@@ -171,6 +176,10 @@ RULES: dict[str, Rule] = {
     "data.mean": channel_stats(False),
     "data.std": channel_stats(True),
     "data.seed": integer(0, 2**32 - 1),
+    "data.transform": choices("cifar", "imagenet"),
+    "data.in_memory": in_memory,
+    "data.decoder": choices("auto", "pil", "simplejpeg", "torchvision", "gpu"),
+    "data.memory_budget_gb": number(0, 1_000_000),
     **{f"student.{k}": rule for k, rule in MODEL_RULES.items()},
     **{f"teachers.*.{k}": rule for k, rule in MODEL_RULES.items()},
     "teacher.precision": choices("32", "bf16"),
@@ -202,6 +211,7 @@ RULES: dict[str, Rule] = {
     "trainer.gradient_clip_val": number(0),
     "trainer.compile": free,
     "trainer.progress_bar": free,
+    "trainer.checkpoint_every_n_steps": integer(1, 100_000_000),
 }
 
 

@@ -66,7 +66,7 @@ def run_demo(data_root: str | None = None, output: str = "runs/demo", quick: boo
     student_res, student = run("student", {"model": DEMO["student"]["model"], "trainer.max_epochs": epochs_s})
     kd_res, kd_student = run("kd", {
         "model": DEMO["student"]["model"], "trainer.max_epochs": epochs_s, "method.name": "kd",
-        # CE + KD at full weight (the spec's "X+KD" weights): on a 6-epoch budget the benchmark's
+        # CE + KD at full weight (the CRD paper's "X+KD" weights): on a 6-epoch budget the benchmark's
         # 0.1 CE weight learns the labels too slowly
         "method.options": {"temperature": 4.0, "ce_weight": 1.0, "kd_weight": 1.0},
         "teachers": [{"model": DEMO["teacher"]["model"], "checkpoint": str(teacher_res.export)}],

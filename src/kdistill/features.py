@@ -8,8 +8,8 @@ A *tap spec* is a small string, so recipes can name features without code:
 * suffix operations after ``!``: ``"block1!relu"`` (ReLU of the capture),
   ``"relu!mean"`` (global average over H, W, kept as N×C×1×1)
 
-Captures are cloned at capture time (baselines spec §7.9, in-place hazard), so later in-place
-operations in the model cannot change them. *Stage presets* give, per model family, the ordered
+Captures are cloned at capture time, so later in-place operations in the model (an in-place ReLU
+after a tapped module) cannot change them. *Stage presets* give, per model family, the ordered
 keys ``stem, stage1 ... stageK, pooled`` with post- or pre-ReLU variants (``stage_taps``).
 """
 
@@ -147,7 +147,8 @@ def model_name(model: nn.Module) -> str:
 def stage_taps(model: nn.Module, preact: bool = False) -> OrderedDict[str, str]:
     """Ordered tap specs ``stem, stage1..stageK, pooled`` of a known model family.
 
-    ``preact=True`` gives the pre-ReLU stage features where the family has them (ReviewKD spec §6).
+    ``preact=True`` gives the pre-ReLU stage features where the family has them (the teacher
+    features of ReviewKD, docs/methods/reviewkd.md).
     """
     for match, preset in _PRESETS:
         if match(model):

@@ -118,7 +118,7 @@ class Distiller(nn.Module):
 
     def configure_teachers(self, precision: str = "32", channels_last: bool = False) -> None:
         """How the teacher pass runs: ``precision`` ``"32"`` or ``"bf16"`` (autocast around the teachers
-        alone; outputs are returned as float32), and the channels-last memory format (issue 6).
+        alone; outputs are returned as float32), and the channels-last memory format (docs/speed.md).
 
         Under ``bf16`` the teacher's classifier (its last ``nn.Linear``) runs in float32 on the
         float32-cast pooled features: bf16 logits keep 8 mantissa bits (a step of 0.06 at a logit of

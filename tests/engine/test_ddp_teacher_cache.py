@@ -1,4 +1,4 @@
-"""The teacher-output cache under DDP (issue 7): a two-process CPU (gloo) ``distill`` run with
+"""The teacher-output cache under DDP: a two-process CPU (gloo) ``distill`` run with
 ``teacher.cache=DIR`` and KD, launched with torchrun as docs/distributed.md says.
 
 Each rank records, for every training step, the dataset indices of its batch, the cached view drawn

@@ -15,7 +15,7 @@ def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=D)
 
 
-# --- AT (§2.3, §9 item 3) -------------------------------------------------------------------------
+# --- AT -------------------------------------------------------------------------------------------
 
 
 def test_at_hand_values():
@@ -40,7 +40,7 @@ def _at_loops(s, t, p=2):
 def test_at_matches_loops_with_fixed_kernel_pooling():
     s, t = _rand(3, 4, 8, 8, seed=5), _rand(3, 6, 4, 4, seed=6)
     assert at_loss(s, t).item() == pytest.approx(_at_loops(F.avg_pool2d(s, 2), t), rel=1e-9)
-    # rectangular maps pool per axis to (min H, min W) (defect #8): 8×6 vs 4×6 → kernel (2, 1)
+    # rectangular maps pool per axis to (min H, min W) (the reference assumes square maps): 8×6 vs 4×6 → kernel (2, 1)
     s2, t2 = _rand(2, 3, 8, 6, seed=7), _rand(2, 5, 4, 6, seed=8)
     assert at_loss(s2, t2).item() == pytest.approx(_at_loops(F.avg_pool2d(s2, (2, 1)), t2), rel=1e-9)
     assert at_loss(t2, s2).item() == pytest.approx(_at_loops(t2, F.avg_pool2d(s2, (2, 1))), rel=1e-9)

@@ -121,7 +121,7 @@ def test_fitnet_method_loss_uses_regressed_stage2():
     assert out["fitnet"].item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-# --- DKD warm-up (§2.8) ---------------------------------------------------------------------------
+# --- DKD warm-up ----------------------------------------------------------------------------------
 
 
 def test_dkd_warmup_factor_uses_one_indexed_epochs():
@@ -146,7 +146,7 @@ def test_dkd_warmup_factor_uses_one_indexed_epochs():
 
 
 def test_defaults_are_the_benchmark_hyper_parameters():
-    """§2.12 and §2.8: γ = 1 everywhere and each method's β."""
+    """The CIFAR-100 benchmark's weights: γ = 1 everywhere and each method's β."""
     assert method_options("dkd") == {
         "ce_weight": 1.0, "alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_epochs": 20
     }
@@ -191,7 +191,7 @@ def test_stage_count_mismatch_is_a_clear_error():
             build_method(name, student=student, teachers=[teacher], teacher_taps=taps)
 
 
-# --- recipes (§4, §5) ---------------------------------------------------------------------------
+# --- recipes --------------------------------------------------------------------------------------
 
 SAME_ARCH = ["wrn_40_2-wrn_16_2", "wrn_40_2-wrn_40_1", "resnet56-resnet20", "resnet110-resnet20",
              "resnet110-resnet32", "resnet32x4-resnet8x4", "vgg13-vgg8"]

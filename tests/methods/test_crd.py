@@ -1,4 +1,4 @@
-"""CRD (memory bank, NCE, method): baselines spec §2.7, §9 item 9."""
+"""CRD (memory bank, NCE, method); docs/methods/crd.md."""
 
 from __future__ import annotations
 
@@ -20,12 +20,12 @@ def _unit(*shape: int) -> torch.Tensor:
     return F.normalize(torch.randn(*shape), dim=-1)
 
 
-# --- NCE loss (§9 item 9) -------------------------------------------------------------------
+# --- NCE loss ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("k", "expected"), [(1, 2 * math.log(2)), (4, 2.502012)])
 def test_nce_loss_uniform_scores_hand_values(k: int, expected: float) -> None:
-    n = 100  # the ε term shifts the value by ~1e-5 at this size (spec §9 item 9)
+    n = 100  # the ε term shifts the value by ~1e-5 at this size
     probs = torch.full((3, k + 1), 1.0 / n)
     assert crd_nce_loss(probs, n).item() == pytest.approx(expected, abs=1e-4)
     assert expected == pytest.approx(-(math.log(1 / 5) + 4 * math.log(4 / 5)) if k == 4 else 1.386294, abs=1e-6)
@@ -191,7 +191,7 @@ def test_crd_heads_sized_from_pooled_widths() -> None:
     method = build_method("crd", student=s, teachers=[t], num_samples=100, num_negatives=8)
     assert method.criterion.embed_student.linear.in_features == 64
     assert method.criterion.embed_teacher.linear.in_features == 256
-    s, t = _models()  # pooled 64 / 64 like resnet20/resnet56: spec §2.7 heads 16,640
+    s, t = _models()  # pooled 64 / 64 like resnet20/resnet56: heads of 16,640 parameters
     method = build_method("crd", student=s, teachers=[t], num_samples=100, num_negatives=8)
     assert sum(p.numel() for p in method.parameters()) == 16_640
 

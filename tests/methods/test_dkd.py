@@ -1,4 +1,4 @@
-"""DKD (decoupled KD): the loss against the spec's hand values and a probability-space formulation."""
+"""DKD (decoupled KD): the loss against values computed by hand and a probability-space formulation."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=D)
 
 
-# --- DKD (§2.8, §9 item 2) ----------------------------------------------------------------------
+# --- DKD ------------------------------------------------------------------------------------------
 
 
 def test_dkd_hand_values_and_kd_identity():
@@ -36,7 +36,7 @@ def test_dkd_hand_values_and_kd_identity():
 
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
 def test_dkd_identity_kd_equals_tckd_plus_weighted_nckd(temperature):
-    """KD = TCKD + (1 − p^t_y)·NCKD per sample, at the same T (spec §2.8), on random logits."""
+    """KD = TCKD + (1 − p^t_y)·NCKD per sample, at the same T (DKD paper), on random logits."""
     s, t = _rand(5, 7, seed=1) * 3, _rand(5, 7, seed=2) * 3
     y = torch.tensor([0, 3, 6, 2, 2])
     for b in range(5):
@@ -73,7 +73,7 @@ def test_dkd_matches_probability_space_formulation():
 
 
 def test_dkd_log_space_does_not_underflow():
-    """A student target probability e^-200 underflows float32; log space stays exact (defect #6)."""
+    """A student target probability e^-200 underflows float32; log space stays exact (the reference's −1000 mask does not)."""
     s = torch.tensor([[-200.0, 0.0, 0.0]], requires_grad=True)
     t = torch.zeros(1, 3)
     loss = dkd_loss(s, t, torch.tensor([0]), alpha=1, beta=1, temperature=1)

@@ -16,7 +16,7 @@ def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=D)
 
 
-# --- FitNet (§2.2, §9 item 10) --------------------------------------------------------------------
+# --- FitNet ---------------------------------------------------------------------------------------
 
 
 def test_fitnet_loss_value_and_shape_check():
@@ -26,7 +26,7 @@ def test_fitnet_loss_value_and_shape_check():
         fitnet_loss(a, b[:, :2])
 
 
-# (student C, H), (teacher C, H), kind, parameter count: the §2.2 table
+# (student C, H), (teacher C, H), kind, parameter count of the benchmark pairs (docs/methods/fitnet.md)
 CONVREG_TABLE = [
     ((64, 16), (64, 16), "conv", 4_288),  # WRN-40-2 → WRN-16-2
     ((32, 16), (64, 16), "conv", 2_240),  # WRN-40-2 → WRN-40-1

@@ -1,4 +1,4 @@
-"""KD loss by hand (baselines spec §9 item 1) and the KD method's loss assembly."""
+"""KD loss by hand (docs/methods/kd.md) and the KD method's loss assembly."""
 
 from __future__ import annotations
 

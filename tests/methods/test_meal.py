@@ -1,4 +1,4 @@
-"""MEAL v1 / MEAL V2 (meal.md §6 checklist): losses by hand, discriminator sizes, teacher selection,
+"""MEAL v1 / MEAL V2 (docs/methods/meal.md): losses by hand, discriminator sizes, teacher selection,
 adversarial modes, the own-optimizer protocol, state round trips, frozen teachers, validation."""
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def test_similarity_losses_by_hand():
     assert similarity_loss(raw_s, raw_t, "l2").item() == pytest.approx(2.5)
     # temperature divides the student logits: [0, 2 ln 3] at T=2 is [0, ln 3] at T=1
     assert similarity_loss(2 * s, p, "soft_ce", temperature=2.0).item() == pytest.approx(ce, abs=1e-6)
-    # equal logits over C classes: ln C (meal.md §6.4)
+    # equal logits over C classes: ln C
     z = torch.randn(3, 1).expand(3, 10)
     assert similarity_loss(z, F.softmax(z, 1), "soft_ce").item() == pytest.approx(math.log(10), abs=1e-5)
     with pytest.raises(ValueError, match="allowed"):
@@ -93,7 +93,7 @@ def test_discriminator_bce_by_hand():
     assert discriminator_loss(torch.zeros(3, 2), torch.zeros(3, 2)).item() == pytest.approx(LN2, abs=1e-6)
     assert discriminator_loss(torch.zeros(3, 1), torch.zeros(3, 1)).item() == pytest.approx(LN2, abs=1e-6)
     a, b, c, d = 0.3, -1.2, 2.0, 0.5
-    expected = (sp(-a) + sp(b) + sp(c) + sp(-d)) / 4  # meal.md §1.6, B=1
+    expected = (sp(-a) + sp(b) + sp(c) + sp(-d)) / 4  # the discriminator loss, B=1
     got = discriminator_loss(torch.tensor([[a, b]]), torch.tensor([[c, d]])).item()
     assert got == pytest.approx(expected, abs=1e-6)
     assert fooling_loss(torch.tensor([[a, b]])).item() == pytest.approx((sp(a) + sp(-b)) / 2, abs=1e-6)
@@ -120,7 +120,7 @@ def test_grad_reverse():
     assert torch.equal(x.grad, torch.full((4,), -0.5))
 
 
-# --- discriminator sizes (meal.md §1.5 table) --------------------------------------------------
+# --- discriminator sizes (the authors' discriminators) ------------------------------------------
 
 
 def n_params(module: torch.nn.Module) -> int:
@@ -268,7 +268,7 @@ def test_grl_reverses_the_student_gradient_of_the_adversarial_term():
 
 
 def test_cooperative_student_step_makes_discrimination_easier():
-    """meal.md §6.6 at fixed D: a small step of v_S along -∂L_D decreases L_D, along the GRL gradient increases it."""
+    """At fixed D: a small step of v_S along -∂L_D decreases L_D, along the GRL gradient increases it."""
     torch.manual_seed(0)
     disc = Discriminator(10, 2)
     v_s, v_t = torch.randn(4, 10, requires_grad=True), torch.randn(4, 10)

@@ -15,7 +15,7 @@ def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=D)
 
 
-# --- NST (§2.10, §9 item 7) -----------------------------------------------------------------------
+# --- NST ------------------------------------------------------------------------------------------
 
 
 def test_nst_identical_is_zero_and_channels_may_differ():

@@ -16,7 +16,7 @@ def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=D)
 
 
-# --- PKT (§2.6, §9 item 5) ------------------------------------------------------------------------
+# --- PKT ------------------------------------------------------------------------------------------
 
 
 def test_pkt_identical_is_zero_and_matches_loops():

@@ -1,6 +1,7 @@
 """ReviewKD: HCL values by hand, ABF behaviour, the review chain per published pair, training step.
 
-Numbers come from the ReviewKD spec (§3, §7, §9, §14); the pair tables are copied from §9.1/§9.2.
+Numbers are the authors' code's (ABF and HCL definitions, per-pair channels and parameter counts of
+the published CIFAR-100 and ImageNet pairs); docs/methods/reviewkd.md.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def _window_pool(x: torch.Tensor, level: int) -> torch.Tensor:
 
 
 def _reference_hcl(students, teachers, levels=(4, 2, 1), decay=0.5, limit=lambda h, w: h):
-    """Independent HCL: the weights of the used levels are decay^1, decay^2, ... (spec §7 table)."""
+    """Independent HCL: the weights of the used levels are decay^1, decay^2, ...."""
     total = 0.0
     for s, t in zip(students, teachers, strict=True):
         used = [lv for lv in levels if lv < limit(*s.shape[-2:])]
@@ -159,7 +160,7 @@ def test_abf_structure_parameter_count_and_init():
 
 
 def test_abf_counts_of_the_detection_chain():
-    # spec §9.3 / §14.5: five FPN levels, in = out = 256, C_m = 256, the coarsest ABF does not fuse
+    # the detection setting: five FPN levels, in = out = 256, C_m = 256, the coarsest ABF does not fuse
     abfs = [ABF(256, 256, 256, fuse=i < 4) for i in range(5)]
     assert sum(p.numel() for abf in abfs for p in abf.parameters()) == 3_286_024
 
@@ -225,7 +226,7 @@ def test_abf_out_shape_attention_size_and_errors():
         abf(torch.randn(2, 4, 4, 4))
 
 
-# --- per-pair configuration (spec §9) --------------------------------------------------------------
+# --- per-pair configuration ------------------------------------------------------------------------
 
 # (teacher, student, in, out, shapes, out_shapes, C_m, per-ABF params deep→shallow or None, total)
 CIFAR_PAIRS = [
@@ -263,7 +264,7 @@ def _need(*names: str) -> None:
 
 
 def _check_pair(method: ReviewKD, student, teacher, image: int, c_m, per_abf, total) -> None:
-    """Structure (§14 items 1, 2, 4, 5) and a forward of a batch of two through the Distiller."""
+    """Structure (ABF count and fusion, channels, C_m, parameter counts) and a forward of a batch of two through the Distiller."""
     n = len(method.in_channels)
     assert method.mid_channels == c_m
     assert len(method.abfs) == n
@@ -352,7 +353,7 @@ def test_imagenet_pair(teacher, student, options, c_m, c_in, c_out, total):
     assert method.student_taps() == {k: v for k, v in stage_taps(s, preact=True).items() if k != "stem"}
     # the review chain sizes itself from the tensors, so the forward check runs on 64×64 images to stay fast
     _check_pair(method, s, t, 64, c_m, None, total)
-    if student == "imagenet.mobilenet_v1":  # mdistiller ignores MAX_MID_CHANNEL: C_m = 512 (spec §12 #5)
+    if student == "imagenet.mobilenet_v1":  # mdistiller ignores MAX_MID_CHANNEL: C_m = 512
         wide = kdistill.build_method("reviewkd", student=s, teachers=[t], input_size=(3, 64, 64), student_preact=True)
         assert wide.mid_channels == 512 and sum(p.numel() for p in wide.parameters()) == 28_664_328
 
@@ -385,7 +386,7 @@ def test_step_gradients_reach_student_and_abfs_never_teacher():
     }
     for name, p in [*student.named_parameters(), *method.named_parameters()]:
         assert p.grad is not None and p.grad.abs().sum() > 0, name
-    # the pooled ABF's 3×3 conv sees a 1×1 map: only its centre tap is trained (spec §3.3)
+    # the pooled ABF's 3×3 conv sees a 1×1 map: only its centre tap is trained
     g = method.abfs[0].conv2[0].weight.grad
     off_centre = g.clone()
     off_centre[..., 1, 1] = 0
@@ -423,7 +424,7 @@ def test_loss_assembly_and_zero_weight():
     torch.testing.assert_close(losses["reviewkd"], 3.0 * 0.5 * review)
     later = method(batch, s_out, [t_out], StepInfo(epoch=40))["reviewkd"]
     torch.testing.assert_close(later, 3.0 * review)
-    # the stem is never read: a features dict with a different stem gives the same loss (spec §14.3)
+    # the stem is never read: a features dict with a different stem gives the same loss
     noisy = ModelOutput(s_out.logits, {**s_out.features, "stem": torch.randn(4, 16, 32, 32)})
     torch.testing.assert_close(method(batch, noisy, [t_out], StepInfo(epoch=40))["reviewkd"], later)
 
@@ -549,7 +550,7 @@ def test_explicit_lists_are_validated():
 # --- recipes -----------------------------------------------------------------------------------------
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-# λ per pair (spec §9.1; unverified pairs as chosen in the recipe comments) and lr 0.01 for MobileNet/ShuffleNet
+# λ per pair (docs/methods/reviewkd.md; unverified pairs as chosen in the recipe comments) and lr 0.01 for MobileNet/ShuffleNet
 RECIPE_LAMBDA = {
     "resnet56-resnet20": 0.6, "resnet110-resnet32": 1.0, "resnet32x4-resnet8x4": 5.0, "wrn_40_2-wrn_16_2": 5.0,
     "wrn_40_2-wrn_40_1": 5.0, "vgg13-vgg8": 5.0, "resnet50-mobile_half": 30.0, "vgg13-mobile_half": 5.0,

@@ -14,7 +14,7 @@ def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=D)
 
 
-# --- RKD (§2.5, §9 item 6) ------------------------------------------------------------------------
+# --- RKD ------------------------------------------------------------------------------------------
 
 
 def test_rkd_invariant_to_scale_and_translation():

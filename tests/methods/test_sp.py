@@ -16,7 +16,7 @@ def _rand(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=D)
 
 
-# --- SP (§2.4, §9 item 4) -------------------------------------------------------------------------
+# --- SP -------------------------------------------------------------------------------------------
 
 
 def test_sp_hand_value():

@@ -1,4 +1,4 @@
-"""VID (variational information distillation): its loss by hand and the method, baselines spec §2.9, §9 item 8."""
+"""VID (variational information distillation): its loss by hand and the method; docs/methods/vid.md."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _batch(index: torch.Tensor | None, n: int = 4) -> Batch:
     return Batch(torch.randn(n, 3, 32, 32), torch.randint(0, 10, (n,)), index)
 
 
-# --- VID (§9 item 8) -------------------------------------------------------------------------------
+# --- VID ----------------------------------------------------------------------------------------
 
 
 def test_vid_initial_variance_and_half_log_five() -> None:
@@ -63,7 +63,7 @@ def test_vid_learn_variance_flag() -> None:
 
 
 def test_vid_method_parameter_count_and_gradients() -> None:
-    s, t = _models()  # stage widths 16/32/64 like resnet20/resnet56: spec §2.9 says 16,240
+    s, t = _models()  # stage widths 16/32/64 like resnet20/resnet56: 16,240 trainable parameters
     method = build_method("vid", student=s, teachers=[t])
     assert method.student_features == ["stage1", "stage2", "stage3"]
     assert sum(p.numel() for p in method.parameters()) == 16_240

@@ -10,6 +10,9 @@ from kdistill.utils import ConfigError, unknown_name_error
 
 CHOICES = {
     "data.on_bad_image": ("skip", "error"),
+    "data.transform": ("cifar", "imagenet"),
+    "data.in_memory": ("auto", "true", "false"),
+    "data.decoder": ("auto", "pil", "simplejpeg", "torchvision", "gpu"),
     "optim.schedule": ("multistep", "cosine", "constant"),
     "teacher.precision": ("32", "bf16"),
     "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
@@ -24,6 +27,9 @@ def validate(cfg: Config) -> None:
 
     flat = {
         "data.on_bad_image": cfg.data.on_bad_image,
+        "data.transform": cfg.data.transform,
+        "data.in_memory": str(cfg.data.in_memory).lower(),
+        "data.decoder": cfg.data.decoder,
         "optim.schedule": cfg.optim.schedule,
         "teacher.precision": cfg.teacher.precision,
         "trainer.precision": cfg.trainer.precision,
@@ -60,6 +66,13 @@ def validate(cfg: Config) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    if cfg.trainer.checkpoint_every_n_steps is not None and cfg.trainer.checkpoint_every_n_steps < 1:
+        raise ConfigError(f"trainer.checkpoint_every_n_steps must be >= 1, got {cfg.trainer.checkpoint_every_n_steps}")
+    if cfg.data.memory_budget_gb is not None and cfg.data.memory_budget_gb < 0:
+        raise ConfigError(f"data.memory_budget_gb must be >= 0, got {cfg.data.memory_budget_gb}")
+    if cfg.data.transform == "imagenet" and (cfg.data.name != "imagefolder" or cfg.data.image_size is None):
+        raise ConfigError("data.transform=imagenet needs data.name=imagefolder and data.image_size (the crop side, "
+                          f"e.g. 224); got data.name={cfg.data.name}, data.image_size={cfg.data.image_size}")
     if cfg.optim.nesterov and cfg.optim.momentum == 0:
         raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
     if not 0 < cfg.optim.gamma <= 1:

@@ -36,6 +36,10 @@ class DataConfig:
     mean: list[float] | None = None  # per-channel normalisation mean (default: the data set's own)
     std: list[float] | None = None  # per-channel normalisation standard deviation (default: the data set's own)
     seed: int = 0  # seed of the synthetic data and of per-class subsets
+    transform: str = "cifar"  # image transform: cifar (whole image, pad-crop + flip on the device) or imagenet (docs/data.md)
+    in_memory: str | bool = "auto"  # image folders: auto (in memory when the decoded splits fit the budget), true or false
+    decoder: str = "auto"  # auto, pil, simplejpeg, torchvision or gpu (docs/data.md)
+    memory_budget_gb: float | None = None  # the budget of in_memory=auto (default: half the memory available)
 
 
 @dataclass
@@ -94,6 +98,7 @@ class TrainerConfig:
     gradient_clip_val: float | None = None  # clip the gradient norm to this value
     compile: bool = False  # torch.compile the student and teachers
     progress_bar: bool = True  # show Lightning's progress bar (the per-epoch line is printed either way)
+    checkpoint_every_n_steps: int | None = None  # also write last.ckpt every N steps (resume mid-epoch)
 
 
 @dataclass

@@ -7,13 +7,13 @@ import hashlib
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from kdistill.data.image_modes import to_rgb
 from kdistill.data.tensors import ImageTensors
 from kdistill.files import atomic_write, atomic_write_text
 from kdistill.utils import ConfigError
@@ -54,24 +54,31 @@ def _list_split(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, files
 
 
-def _fingerprint(files: list[tuple[Path, int]], image_size: int | None, on_bad_image: str) -> str:
-    # every setting that changes the decoded result is part of the key; v2: faithful 16-bit/float modes
-    h = hashlib.sha256(f"v2 {image_size} {on_bad_image}".encode())
+def _fingerprint(files: list[tuple[Path, int]], image_size: int | None, decoder: str = "pil",
+                 on_bad_image: str = "skip") -> str:
+    # every setting that changes the decoded result is part of the key; v3: faithful 16-bit/float modes, decoders
+    h = hashlib.sha256(f"v3 {image_size} {decoder} {on_bad_image}".encode())
     for path, label in files:
         st = path.stat()
         h.update(f"{path}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:20]
 
 
-def _decode(path: Path, image_size: int | None) -> torch.Tensor:
-    from PIL import Image
+def _decode(path: Path, image_size: int | None, decoder: str = "pil") -> torch.Tensor:
+    """One image as uint8 3×H×W, squashed to ``image_size``² when given (the ``cifar`` transform's decode, the
+    same function the streaming path uses, so both give the same pixels)."""
+    from kdistill.data.decode import decode_sample
+    from kdistill.data.transforms import ImageTransform
 
-    with Image.open(path) as im:
-        im = to_rgb(im)
-        if image_size is not None and im.size != (image_size, image_size):
-            im = im.resize((image_size, image_size), Image.BILINEAR)
-        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-        return data.view(im.size[1], im.size[0], 3).permute(2, 0, 1)
+    image, _ = decode_sample(path.read_bytes(), ImageTransform("cifar", image_size), False, decoder=decoder)
+    return image
+
+
+def _try_decode(path: Path, image_size: int | None, decoder: str) -> torch.Tensor | Exception:
+    try:
+        return _decode(path, image_size, decoder)
+    except Exception as exc:  # PIL raises many types for broken files
+        return exc
 
 
 def load_image_folder(
@@ -80,9 +87,13 @@ def load_image_folder(
     cache_dir: str | Path | None = None,
     on_bad_image: str = "skip",
     classes: list[str] | None = None,
+    decoder: str = "auto",
 ) -> FolderSplit:
-    """Decode every image of ``split_dir`` (cached); unreadable files are skipped and counted
+    """Decode every image of ``split_dir`` (in parallel threads; cached); unreadable files are skipped and counted
     (``on_bad_image="skip"``) or raise (``"error"``). Images of different sizes need ``image_size``."""
+    from kdistill.data.decode import decode_threads, resolve_decoder
+
+    decoder = resolve_decoder(decoder)
     if on_bad_image not in ("skip", "error"):
         raise ConfigError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
     split_dir = Path(split_dir)
@@ -94,7 +105,7 @@ def load_image_folder(
             f"missing: {sorted(set(classes) - set(found_classes))[:5]})"
         )
     cache = Path(cache_dir or default_cache_dir()) / "folders"
-    key = _fingerprint(files, image_size, on_bad_image)
+    key = _fingerprint(files, image_size, decoder, on_bad_image)
     cached = cache / f"{split_dir.name}-{key}.safetensors"
     if cached.exists():
         blob = load_file(str(cached))
@@ -102,10 +113,11 @@ def load_image_folder(
         return FolderSplit(ImageTensors(blob["images"], blob["targets"]), found_classes, meta["skipped"])
     images, targets, skipped = [], [], []
     first_shape = None
-    for path, label in files:
-        try:
-            img = _decode(path, image_size)
-        except Exception as exc:  # PIL raises many types for broken files
+    with ThreadPoolExecutor(decode_threads()) as pool:  # the decoders release the GIL
+        decoded = list(pool.map(lambda f: _try_decode(f[0], image_size, decoder), files))
+    for (path, label), img in zip(files, decoded, strict=True):
+        if isinstance(img, Exception):
+            exc = img
             if on_bad_image == "error":
                 raise ConfigError(f"cannot read image {str(path)!r}: {exc}") from exc
             skipped.append(str(path))

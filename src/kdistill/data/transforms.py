@@ -21,7 +21,9 @@ import math
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
@@ -130,23 +132,34 @@ class ImageTransform:
         flip = float(self.flip and rng.random() < 0.5)
         return torch.tensor([top, left, h, w, flip], dtype=torch.float64)
 
-    def apply(self, image: Image.Image, params: Tensor, source_size: tuple[int, int] | None = None) -> Tensor:
-        """Crop ``params`` of ``image``, resized to the output size (bilinear, antialiased when shrinking) and maybe
-        mirrored, as a uint8 ``3×H×W`` tensor. ``source_size`` is the ``(width, height)`` the parameters refer to when
-        ``image`` was decoded at a reduced size (JPEG DCT scaling); the box is scaled to ``image``'s pixels."""
-        if image.mode != "RGB":
-            image = image.convert("RGB")
+    def apply(self, image: Image.Image | np.ndarray | Tensor, params: Tensor,
+              source_size: tuple[int, int] | None = None) -> Tensor:
+        """Crop ``params`` of ``image`` resized to the output size (bilinear, antialiased when shrinking, as Pillow
+        and torchvision do) and maybe mirrored: a contiguous uint8 ``3×H×W`` tensor.
+
+        ``image`` is a PIL image, an ``H×W×3`` uint8 array or a ``3×H×W`` uint8 tensor. ``source_size`` is the
+        ``(width, height)`` the parameters refer to when ``image`` was decoded at a reduced size (JPEG DCT scaling);
+        the box is then scaled onto ``image``. A whole-pixel box is cut, then resized; a fractional one (evaluation's
+        centre crop) is reached by resizing the whole image and cutting, which is what "resize, then centre crop" means.
+        """
+        x = as_nchw(image)
+        img_h, img_w = x.shape[2], x.shape[3]
         top, left, h, w, flip = params.tolist()
-        sx = sy = 1.0
-        if source_size is not None:
-            sx, sy = image.width / source_size[0], image.height / source_size[1]
-        out_h, out_w = self.output_size(*(source_size or image.size))
-        box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-        if box != (0, 0, image.width, image.height) or image.size != (out_w, out_h):
-            image = image.resize((out_w, out_h), Image.BILINEAR, box=box)
+        if source_size is not None and source_size != (img_w, img_h):
+            sx, sy = img_w / source_size[0], img_h / source_size[1]
+            top, left, h, w = top * sy, left * sx, h * sy, w * sx
+        out_h, out_w = self.output_size(*(source_size or (img_w, img_h)))
+        if all(abs(v - round(v)) < 1e-6 for v in (top, left, h, w)):
+            t, lf, hh, ww = (round(v) for v in (top, left, h, w))
+            x = _resize(x[:, :, t : t + hh, lf : lf + ww], out_h, out_w)
+        else:
+            full_h, full_w = round(img_h * out_h / h), round(img_w * out_w / w)
+            t, lf = round(top * out_h / h), round(left * out_w / w)
+            t, lf = min(max(t, 0), full_h - out_h), min(max(lf, 0), full_w - out_w)
+            x = _resize(x, full_h, full_w)[:, :, t : t + out_h, lf : lf + out_w]
         if flip:
-            image = image.transpose(Image.FLIP_LEFT_RIGHT)
-        return pil_to_tensor(image)
+            x = x.flip(3)
+        return x[0].contiguous()
 
     def reduced_size(self, width: int, height: int, params: Tensor) -> tuple[int, int]:
         """The smallest ``(width, height)`` to decode the whole image at so the crop still has at least the output
@@ -161,10 +174,24 @@ class ImageTransform:
                 "crop_fraction": self.crop_fraction, "flip": self.flip, "interpolation": "bilinear-antialias"}
 
 
-def pil_to_tensor(image: Image.Image) -> Tensor:
-    """An RGB PIL image as a contiguous uint8 ``3×H×W`` tensor."""
-    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-    return data.view(image.height, image.width, 3).permute(2, 0, 1).contiguous()
+def as_nchw(image: Image.Image | np.ndarray | Tensor) -> Tensor:
+    """A PIL image, ``H×W×3`` array or ``3×H×W`` tensor as a ``1×3×H×W`` uint8 view (channels-last strides for
+    arrays: no copy, and the layout torch's fast uint8 resize works in)."""
+    if isinstance(image, Image.Image):
+        image = np.array(image.convert("RGB") if image.mode != "RGB" else image)
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected an H×W×3 image, got shape {image.shape}")
+        return torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0)
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected a 3×H×W image, got shape {tuple(image.shape)}")
+    return image.unsqueeze(0)
+
+
+def _resize(x: Tensor, out_h: int, out_w: int) -> Tensor:
+    if x.shape[2] == out_h and x.shape[3] == out_w:
+        return x
+    return F.interpolate(x, size=(out_h, out_w), mode="bilinear", antialias=True, align_corners=False)
 
 
 def build_transform(name: str, size: int | None) -> ImageTransform:
@@ -178,7 +205,7 @@ __all__ = [
     "ImageTransform",
     "build_transform",
     "center_box",
-    "pil_to_tensor",
+    "as_nchw",
     "random_resized_box",
     "sample_rng",
 ]

@@ -1,4 +1,4 @@
-"""Keep freed CPU memory for the next training step instead of returning it to the system (issue 6).
+"""Keep freed CPU memory for the next training step instead of returning it to the system (docs/speed.md).
 
 glibc serves large allocations (activation maps of a batch) with ``mmap`` and gives them back with
 ``munmap`` when freed, and trims the heap top after frees; every training step then faults the

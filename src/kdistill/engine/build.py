@@ -49,6 +49,10 @@ def load_data(cfg: Config) -> DataBundle:
         on_bad_image=d.on_bad_image,
         mean=d.mean,
         std=d.std,
+        transform=d.transform,
+        in_memory=d.in_memory,
+        decoder=d.decoder,
+        memory_budget_gb=d.memory_budget_gb,
     )
     if d.val_per_class:
         data.val = balanced_subset(data.val, d.val_per_class, d.seed)
@@ -140,7 +144,12 @@ def build_run(cfg: Config, data: DataBundle | None = None) -> Built:
         options=options,
     )
     distiller = Distiller(student, teachers, method, teacher_inputs)
-    augment = BatchAugment(data.mean, data.std, padding=4 if cfg.data.augment else 0, flip=cfg.data.augment)
+    # per-sample transforms (imagenet) crop and flip while decoding; the device only normalises
+    on_device = cfg.data.augment and data.batch_augment
+    augment = BatchAugment(data.mean, data.std, padding=4 if on_device else 0, flip=on_device)
     distiller.configure_teachers(cfg.teacher.precision, cfg.teacher.channels_last)
+    if cfg.teacher.cache and not isinstance(data.train, ImageTensors):
+        raise ConfigError("teacher.cache needs the training split in memory as fixed-size images (data.transform=cifar "
+                          "and data.in_memory=true or auto); this run streams it or crops per sample")
     cache = load_teacher_cache(cfg.teacher.cache, distiller, data.train, augment) if cfg.teacher.cache else None
     return Built(data, distiller, augment, cache, options.to_dict(), notes)

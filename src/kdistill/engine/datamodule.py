@@ -1,4 +1,4 @@
-"""The Lightning data module of in-memory data sets and the sampler that shards validation by rank."""
+"""The Lightning data module (in-memory tensors or streamed folders) and the sampler that shards validation by rank."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import lightning as L
 import torch
 
 from kdistill.config import Config
-from kdistill.data import DataBundle, make_loader
+from kdistill.data import DataBundle, ImageTensors, make_loader
 from kdistill.engine.resume import ResumableLoader
 
 
 class TensorDataModule(L.LightningDataModule):
-    """In-memory train/val loaders, sharded by rank once the trainer knows the world size."""
+    """Train/val loaders (in-memory or streamed), sharded by rank once the trainer knows the world size."""
 
     def __init__(self, data: DataBundle, cfg: Config):
         super().__init__()
@@ -19,13 +19,24 @@ class TensorDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         t = self.trainer
-        loader = make_loader(self.data.train, self.cfg.data.batch_size, True, self.cfg.seed,
-                             t.global_rank, t.world_size, self.cfg.data.num_workers, loader_class=ResumableLoader)
-        loader.progress = lambda: t.fit_loop.epoch_loop.batch_progress.current.processed
-        return loader
+
+        def progress() -> int:  # batches training consumed in this epoch (the loader runs ahead)
+            return t.fit_loop.epoch_loop.batch_progress.current.processed
+
+        if isinstance(self.data.train, ImageTensors):
+            loader = make_loader(self.data.train, self.cfg.data.batch_size, True, self.cfg.seed,
+                                 t.global_rank, t.world_size, self.cfg.data.num_workers, loader_class=ResumableLoader)
+            loader.progress = progress
+            return loader
+        # a streamed loader records the batches training consumed (it runs ahead by its prefetch) to resume mid-epoch
+        return make_loader(self.data.train, self.cfg.data.batch_size, True, self.cfg.seed,
+                           t.global_rank, t.world_size, self.cfg.data.num_workers, progress=progress)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
         t = self.trainer
+        if not isinstance(self.data.val, ImageTensors):  # streamed: rank's rows in order, unpadded, like EvalShard
+            return make_loader(self.data.val, self.cfg.data.eval_batch_size, False, self.cfg.seed,
+                               t.global_rank, t.world_size, self.cfg.data.num_workers)
         sampler = EvalShard(len(self.data.val), self.cfg.data.eval_batch_size, t.global_rank, t.world_size)
         return torch.utils.data.DataLoader(self.data.val, batch_size=None, sampler=sampler,
                                            num_workers=self.cfg.data.num_workers, generator=torch.Generator())

@@ -169,7 +169,7 @@ class DistillModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         if self.device.type == "cpu":
-            keep_freed_memory()  # no page faults on re-allocating each step's activations (issue 6)
+            keep_freed_memory()  # no page faults on re-allocating each step's activations (docs/speed.md)
         self.own = OwnOptimizerStep(self.distiller.method)  # built on the training device
         if self._own_state:
             self.own.load_state_dict(self._own_state)
@@ -270,7 +270,7 @@ class DistillModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         o = self.cfg.optim
-        # weight decay on every parameter, as the reference CIFAR recipes do (baselines spec §3.1)
+        # weight decay on every parameter, as the reference CIFAR recipes do (RepDistiller, mdistiller)
         params = self.distiller.trainable_parameters()
         groups = self.distiller.method.param_groups()
         if groups is None:

@@ -17,10 +17,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
-from kdistill.card import export_paths, read_card_file
+from kdistill.card import export_paths, read_card_file, remove_dead_temporaries
 from kdistill.checkpoint import CheckpointError, load_weights, read_card, save_student
 from kdistill.config import Config, TrainerConfig
-from kdistill.data import DataBundle, ImageTensors, make_loader
+from kdistill.data import DataBundle, ImageTensors, StreamingFolder, make_loader
 from kdistill.engine.build import Built, build_run, load_data
 from kdistill.engine.callbacks import AtomicCheckpointIO, EpochCheckpoint, History, Throughput
 from kdistill.engine.datamodule import TensorDataModule
@@ -89,6 +89,7 @@ def card_for(cfg: Config, data: DataBundle, metrics: dict[str, Any]) -> dict[str
         "teachers": [t.model for t in cfg.teachers],
         "metrics": metrics,
         "skipped_images": data.skipped,
+        "data_storage": data.storage,
         "recipe": cfg.to_dict(),
     }
 
@@ -156,6 +157,10 @@ def make_trainer(cfg: Config, out: Path, callbacks: list[L.Callback], enable_che
     # accuracy stalls would resume from a stale epoch
     last = ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1, monitor=None,
                            every_n_epochs=1, enable_version_counter=False)
+    if t.checkpoint_every_n_steps:  # mid-epoch: a killed run loses at most this many steps (docs/data.md)
+        callbacks = [*callbacks, ModelCheckpoint(dirpath=out / "checkpoints", filename="last", save_top_k=1,
+                                                 monitor=None, every_n_train_steps=t.checkpoint_every_n_steps,
+                                                 enable_version_counter=False)]
     loggers = [AppendingCSVLogger(out, name="logs", version=""), TensorBoardLogger(out, name="tb", version="")]
     # a whole number above 1 is a count of batches for Lightning, a float in (0, 1] a fraction
     extra = {k: (int(v) if v > 1 else v) for k, v in (("limit_train_batches", t.limit_train_batches),
@@ -279,8 +284,8 @@ def _fit(cfg: Config, resume: bool, built: Built | None, out: Path, run: Any) ->
 
 
 @torch.no_grad()
-def evaluate_model(model: torch.nn.Module, val: ImageTensors, mean: list[float], std: list[float],
-                   batch_size: int = 256, device: str | torch.device = "cpu") -> dict[str, float]:
+def evaluate_model(model: torch.nn.Module, val: ImageTensors | StreamingFolder, mean: list[float], std: list[float],
+                   batch_size: int = 256, device: str | torch.device = "cpu", num_workers: int = 0) -> dict[str, float]:
     """Top-1/top-5 (%) on ``val`` and inference images/s (batch ``batch_size``)."""
     from kdistill.data import BatchAugment
 
@@ -288,8 +293,7 @@ def evaluate_model(model: torch.nn.Module, val: ImageTensors, mean: list[float],
     model = model.to(device).eval()
     correct1 = correct5 = 0
     elapsed = 0.0
-    for start in range(0, len(val), batch_size):
-        images, targets, _ = val[range(start, min(start + batch_size, len(val)))]
+    for images, targets, _ in make_loader(val, batch_size, train=False, num_workers=num_workers):
         x = aug(images.to(device), train=False)
         t0 = time.perf_counter()
         logits = model(x)
@@ -336,14 +340,16 @@ def evaluate(path: str | Path, cfg: Config | None = None) -> dict[str, float]:
     data = load_data(cfg)
     if data.num_classes != card["num_classes"]:
         raise ConfigError(f"the model has {card['num_classes']} classes but the data set has {data.num_classes}")
-    metrics = evaluate_model(model, data.val, card["mean"], card["std"], cfg.data.eval_batch_size)
+    workers = cfg.data.num_workers
+    metrics = evaluate_model(model, data.val, card["mean"], card["std"], cfg.data.eval_batch_size, num_workers=workers)
     if isinstance(model, Cohort):  # several networks: each one, and their ensemble
         for i, name in enumerate(model.names):
-            member = evaluate_model(model.member(i), data.val, card["mean"], card["std"], cfg.data.eval_batch_size)
+            member = evaluate_model(model.member(i), data.val, card["mean"], card["std"], cfg.data.eval_batch_size,
+                                    num_workers=workers)
             metrics[f"top1/{name}"] = member["top1"]
         ensemble = _Ensemble(model)
         metrics["top1/ensemble"] = evaluate_model(ensemble, data.val, card["mean"], card["std"],
-                                                  cfg.data.eval_batch_size)["top1"]
+                                                  cfg.data.eval_batch_size, num_workers=workers)["top1"]
     return metrics
 
 
@@ -400,6 +406,9 @@ def export(path: str | Path, out: str | Path, onnx: bool = False, onnx_preproces
         model, name, kwargs = model.deployed()
         if name is not None:
             card = {**card, "model": name, "model_kwargs": kwargs}
+    for target in (out, card_path, onnx_path):
+        if target is not None:
+            remove_dead_temporaries(target)  # left by an export that was killed while writing
     if onnx:
         card = {**card, "onnx": onnx_contract(card, onnx_preprocess)}
     written = [save_student(model, out, card), card_path]

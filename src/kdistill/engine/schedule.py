@@ -1,7 +1,7 @@
 """Learning-rate schedules as per-iteration multipliers: linear warm-up, then multistep or cosine.
 
 Milestones are in epochs, matching recipes such as "×0.1 when epoch > 150, 180, 210"
-(baselines spec §3.1): the factor changes at the first iteration of epoch 150 (0-indexed).
+(the CIFAR-100 benchmark, docs/recipes.md): the factor changes at the first iteration of epoch 150 (0-indexed).
 """
 
 from __future__ import annotations

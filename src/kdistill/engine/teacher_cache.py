@@ -1,6 +1,6 @@
 """Teacher-output cache for logit methods (KD, DKD, MEAL V2): logits of K augmented views per image.
 
-Issue 6. For every training image ``i`` and view ``v < K`` the cache holds the augmentation
+docs/speed.md. For every training image ``i`` and view ``v < K`` the cache holds the augmentation
 parameters ``p[i, v] = (dy, dx, flip)`` of ``BatchAugment`` and the teacher logits of exactly that
 view. During training each sample of a batch draws one of its K views; the student sees
 ``augment.apply(image, p[i, v])`` and the method gets the cached logits of the same ``(i, v)``, so

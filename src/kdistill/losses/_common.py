@@ -16,8 +16,7 @@ def pool_to_common_size(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """Adaptive-average-pool two B×C×H×W maps to (min H, min W).
 
     The reference code pools the larger map to the smaller one assuming square maps; taking the
-    minimum per axis is identical for square maps and also handles rectangular ones (baselines
-    spec §8 defect #8).
+    minimum per axis is identical for square maps and also handles rectangular ones.
     """
     if a.dim() != 4 or b.dim() != 4:
         raise ValueError(f"expected B×C×H×W feature maps, got shapes {tuple(a.shape)} and {tuple(b.shape)}")

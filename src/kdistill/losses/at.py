@@ -1,4 +1,4 @@
-"""Attention transfer (Zagoruyko & Komodakis, arXiv 1612.03928), baselines spec §2.3."""
+"""Attention transfer (Zagoruyko & Komodakis, arXiv 1612.03928), docs/methods/at.md."""
 
 from __future__ import annotations
 

@@ -1,21 +1,21 @@
-"""Contrastive Representation Distillation (Tian et al., arXiv 1910.10699), baselines spec §2.7.
+"""Contrastive Representation Distillation (Tian et al., arXiv 1910.10699); docs/methods/crd.md.
 
 Two linear embedding heads map the pooled student and teacher vectors to unit vectors of
 ``feat_dim``. Each embedding is scored against ``K`` negatives and one positive drawn from a memory
 bank of the *other* model's embeddings (one row per training sample, addressed by dataset index),
 and the two NCE losses are summed. The bank is updated with momentum after scoring.
 
-Differences from the reference implementations (spec §8):
+Differences from the reference implementations (RepDistiller, mdistiller):
 
-* #2 head widths are arguments (the method infers them from the pooled widths);
-* #3 nothing is tied to CUDA: the banks are registered buffers, so ``.to(device)`` moves them,
+* head widths are arguments (the method infers them from the pooled widths);
+* nothing is tied to CUDA: the banks are registered buffers, so ``.to(device)`` moves them,
   ``state_dict()`` saves them, and negatives are drawn on the banks' device;
-* #4 negatives come from a fast sampler by default (uniform *with* replacement over all other
+* negatives come from a fast sampler by default (uniform *with* replacement over all other
   samples, drawn on the device); ``sampling="exact"`` draws them *without* replacement as the
   reference does. Neither mode excludes samples of the positive's class (the reference draws
   from other classes only, i.e. it also skips the ~1% same-class rows on CIFAR-100) unless the
   training labels are given (``labels=``), which makes both modes draw from other classes only;
-* #5 the normalisers ``Z`` are fixed by the first batch (faithful) and kept in buffers, so a
+* the normalisers ``Z`` are fixed by the first batch (faithful) and kept in buffers, so a
   resumed run keeps them.
 
 Under ``torch.distributed`` (DDP) every process keeps a full copy of both banks: the update
@@ -36,7 +36,7 @@ __all__ = ["SAMPLING_MODES", "CRDLoss", "ContrastMemory", "Embed", "crd_nce_loss
 
 
 def crd_nce_loss(probs: Tensor, num_data: int, eps: float = 1e-7) -> Tensor:
-    """NCE loss of spec §2.7 item 6 on normalised scores ``probs`` (B×(K+1), column 0 positive).
+    """NCE loss of the CRD code on normalised scores ``probs`` (B×(K+1), column 0 positive).
 
     ``-1/B Σ_b [log P0/(P0 + K·Pn + ε) + Σ_k log K·Pn/(Pk + K·Pn + ε)]`` with ``Pn = 1/num_data``.
     """
@@ -52,7 +52,7 @@ def crd_nce_loss(probs: Tensor, num_data: int, eps: float = 1e-7) -> Tensor:
 
 
 class ContrastMemory(MemoryBank):
-    """Memory banks of student and teacher embeddings, one row per training sample (§2.7 items 2–7).
+    """Memory banks of student and teacher embeddings, one row per training sample.
 
     Buffers (saved in checkpoints, moved by ``.to``): ``memory_student`` (reference ``memory_v1``)
     and ``memory_teacher`` (``memory_v2``), each ``num_data × feat_dim``, initialised uniform in
@@ -100,7 +100,7 @@ class ContrastMemory(MemoryBank):
 
         ``emb_*`` are unit-norm embeddings (B×feat_dim), ``index`` the batch's dataset rows;
         ``contrast_index`` (B×(K+1), column 0 the positive) replaces the sampler when given.
-        In training mode the banks' rows ``index`` are updated after scoring (§2.7 item 7).
+        In training mode the banks' rows ``index`` are updated after scoring.
         """
         bank_s, bank_t = self.memory_student, self.memory_teacher
         index = index.to(bank_s.device, torch.long)
@@ -128,7 +128,7 @@ class ContrastMemory(MemoryBank):
         return probs_s, probs_t
 
     def update(self, index: Tensor, emb_student: Tensor, emb_teacher: Tensor) -> None:  # type: ignore[override]
-        """``M[i] <- normalise(m·M[i] + (1-m)·g(f_i))`` for both banks (spec §2.7 item 7)."""
+        """``M[i] <- normalise(m·M[i] + (1-m)·g(f_i))`` for both banks."""
         super().update(index, {"memory_student": emb_student, "memory_teacher": emb_teacher})
 
     def extra_repr(self) -> str:
@@ -139,7 +139,7 @@ class ContrastMemory(MemoryBank):
 
 
 class Embed(nn.Module):
-    """Linear map followed by L2 normalisation: ``g(f) = normalise(W f + b)`` (§2.7 item 1)."""
+    """Linear map followed by L2 normalisation: ``g(f) = normalise(W f + b)``."""
 
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
@@ -150,7 +150,7 @@ class Embed(nn.Module):
 
 
 class CRDLoss(nn.Module):
-    """CRD loss ``L_s + L_t`` on pooled vectors (B×C or B×C×1×1), spec §2.7.
+    """CRD loss ``L_s + L_t`` on pooled vectors (B×C or B×C×1×1), docs/methods/crd.md.
 
     Both embedding heads are trainable (the teacher's too); the teacher features themselves are
     treated as constants. ``index`` holds the batch's dataset row indices in ``[0, num_data)``.

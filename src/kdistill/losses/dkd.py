@@ -1,4 +1,4 @@
-"""Decoupled knowledge distillation (Zhao et al., CVPR 2022, arXiv 2203.08679), baselines spec §2.8."""
+"""Decoupled knowledge distillation (Zhao et al., CVPR 2022, arXiv 2203.08679); docs/methods/dkd.md."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from kdistill.losses._common import upcast
 def _log_parts(logits: Tensor, target_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """log p_y, log(1 − p_y) and the non-target log-softmax (B×(C−1)) of ``logits`` (already /T).
 
-    Everything is a difference of log-sum-exps, so nothing underflows (spec §8 defect #6).
+    Everything is a difference of log-sum-exps, so nothing underflows (the reference takes the log of
+    probabilities after masking the target logit with −1000).
     """
     batch, classes = logits.shape
     target_logit = logits[target_mask]

@@ -1,4 +1,4 @@
-"""FitNets hint loss (Romero et al., arXiv 1412.6550), baselines spec §2.2."""
+"""FitNets hint loss (Romero et al., arXiv 1412.6550), docs/methods/fitnet.md."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Hierarchical context loss (HCL) of ReviewKD (Chen et al., CVPR 2021, arXiv 2104.09044).
 
-ReviewKD spec §7. Per stage, with student output S and teacher target T of equal shape N×C×h×w:
+docs/methods/reviewkd.md. Per stage, with student output S and teacher target T of equal shape N×C×h×w:
 
     L = MSE(S, T); c = 1; τ = 1
     for l in levels (default 4, 2, 1):
@@ -43,12 +43,12 @@ def hcl_loss(
     level_weight_decay: float = 0.5,
     skip_rule: str = "height",
 ) -> Tensor:
-    """Sum over stages of the hierarchical context loss (ReviewKD spec §7).
+    """Sum over stages of the hierarchical context loss (ReviewKD, Chen et al., CVPR 2021).
 
     ``student_features[i]`` and ``teacher_features[i]`` are N×C×h×w tensors of equal shape (the
     ABF outputs and the teacher targets). ``levels=()`` gives the plain per-stage MSE (the
-    "without HCL" ablation, spec §11.5). ``skip_rule="height"`` is the released code's rule (a
-    level l is skipped when l >= h); ``"min_hw"`` skips when l >= min(h, w) (spec §12 #8).
+    "without HCL" ablation of the paper). ``skip_rule="height"`` is the released code's rule (a
+    level l is skipped when l >= h); ``"min_hw"`` skips when l >= min(h, w).
     Teacher targets are detached.
     """
     if len(student_features) != len(teacher_features):

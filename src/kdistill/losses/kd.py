@@ -9,7 +9,8 @@ from torch import Tensor
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
     """T² · KL(softmax(z_t/T) ‖ softmax(z_s/T)), KL summed over classes, averaged over the batch.
 
-    Baselines spec §2.1. ``teacher_logits`` receive no gradient.
+    The paper's soft-target loss with the CIFAR-100 benchmark's T² scaling (docs/methods/kd.md).
+    ``teacher_logits`` receive no gradient.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")

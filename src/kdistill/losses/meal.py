@@ -1,5 +1,5 @@
 """MEAL (Shen et al., AAAI 2019, arXiv 1812.02425) and MEAL V2 (arXiv 2009.08453): block alignment,
-block similarity losses and the discriminator's binary cross-entropy (meal.md §1.3, §1.4, §1.6, §2.2).
+block similarity losses and the discriminator's binary cross-entropy (docs/methods/meal.md).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ SOFT_SIMILARITIES = ("soft_ce", "kl", "l1_prob", "l2_prob")
 
 
 def meal_align(feature: Tensor, dim: int, pool: str = "avg") -> Tensor:
-    """MEAL v1 block vector (meal.md §1.3): resample the spatial axis to length ``dim``, then reduce channels.
+    """MEAL v1 block vector (the authors' alignment): resample the spatial axis to length ``dim``, then reduce channels.
 
     ``B×C×H×W`` (or ``B×C``, one position) → ``B×C×L`` with ``L=HW`` → adaptive average (``pool="avg"``)
     or max (``"max"``) pooling along ``L`` to ``dim`` (repeats values when ``dim > L``) → mean (avg) or
-    max (max) over channels → ``B×dim``. The batch axis is kept even when ``B=1`` (§4 defect 7).
+    max (max) over channels → ``B×dim``. The batch axis is kept even when ``B=1`` (the reference squeezes it away).
     """
     if pool not in ("avg", "max"):
         raise ValueError(f"pool must be 'avg' or 'max', got {pool!r}")
@@ -30,7 +30,7 @@ def meal_align(feature: Tensor, dim: int, pool: str = "avg") -> Tensor:
 
 
 def soft_cross_entropy(student_logits: Tensor, target_probs: Tensor, temperature: float = 1.0) -> Tensor:
-    """``-1/B Σ_b Σ_i p_T[b,i] · log softmax(z_S/T)[b,i]`` (meal.md §1.4 ``ce``, §2.2 ``L_KD``).
+    """``-1/B Σ_b Σ_i p_T[b,i] · log softmax(z_S/T)[b,i]`` (MEAL's ``ce`` similarity, MEAL V2's loss).
 
     Equals KL(p_T‖p_S) plus the teacher entropy, a constant for the student. No T² factor.
     """
@@ -39,7 +39,7 @@ def soft_cross_entropy(student_logits: Tensor, target_probs: Tensor, temperature
 
 
 def similarity_loss(student: Tensor, target: Tensor, kind: str = "soft_ce", temperature: float = 1.0) -> Tensor:
-    """MEAL block similarity ``ℓ(v_S, target)`` of meal.md §1.4, ``student``/``target`` of shape ``B×d``.
+    """MEAL block similarity ``ℓ(v_S, target)``, ``student``/``target`` of shape ``B×d``.
 
     ``target`` holds teacher *probabilities* for the soft kinds (``soft_ce``, ``kl``, ``l1_prob``,
     ``l2_prob``; the student side is ``softmax(v_S/T)``) and raw teacher vectors for ``l1``/``l2``:
@@ -76,7 +76,7 @@ def _labels(rows: Tensor, teacher: bool) -> Tensor:
 
 
 def discriminator_loss(student_out: Tensor, teacher_out: Tensor) -> Tensor:
-    """``L_D`` of meal.md §1.6: BCE-with-logits over the stacked ``[student rows; teacher rows]``.
+    """The discriminator loss ``L_D``: BCE-with-logits over the stacked ``[student rows; teacher rows]``.
 
     With two outputs per row the targets are ``[1, 0]`` (student) and ``[0, 1]`` (teacher), averaged
     over all ``2B×2`` entries as the reference code does; with one output, 0 (student) and 1 (teacher).
@@ -89,5 +89,5 @@ def discriminator_loss(student_out: Tensor, teacher_out: Tensor) -> Tensor:
 
 
 def fooling_loss(student_out: Tensor) -> Tensor:
-    """Non-saturating generator term ``BCE(D(v_S), teacher label)`` (meal.md §1.6, mode ``alternating``)."""
+    """Non-saturating generator term ``BCE(D(v_S), teacher label)`` (mode ``alternating``)."""
     return F.binary_cross_entropy_with_logits(student_out.float(), _labels(student_out, True).float())

@@ -1,4 +1,4 @@
-"""Neuron selectivity transfer (Huang & Wang, arXiv 1707.01219), baselines spec §2.10."""
+"""Neuron selectivity transfer (Huang & Wang, arXiv 1707.01219); docs/methods/nst.md."""
 
 from __future__ import annotations
 

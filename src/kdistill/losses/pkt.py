@@ -1,4 +1,4 @@
-"""Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018, arXiv 1803.10837), spec §2.6."""
+"""Probabilistic knowledge transfer (Passalis & Tefas, ECCV 2018, arXiv 1803.10837); docs/methods/pkt.md."""
 
 from __future__ import annotations
 

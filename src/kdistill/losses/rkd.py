@@ -1,4 +1,4 @@
-"""Relational knowledge distillation (Park et al., CVPR 2019, arXiv 1904.05068), spec §2.5."""
+"""Relational knowledge distillation (Park et al., CVPR 2019, arXiv 1904.05068); docs/methods/rkd.md."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _distance_potential(e: Tensor) -> Tensor:
 def _angle_potential(e: Tensor) -> Tensor:
     """ψ_A(i,j,k) = ⟨normalise(e_j − e_i), normalise(e_k − e_i)⟩ over all B³ triples (eq. 6).
 
-    Memory is O(B³·1) for the result and O(B²·D) for the differences (spec §8 defect #9).
+    Memory is O(B³·1) for the result and O(B²·D) for the differences.
     """
     diff = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), dim=2)
     return torch.bmm(diff, diff.transpose(1, 2)).flatten()

@@ -1,4 +1,4 @@
-"""Similarity-preserving KD (Tung & Mori, ICCV 2019, arXiv 1907.09682), baselines spec §2.4."""
+"""Similarity-preserving KD (Tung & Mori, ICCV 2019, arXiv 1907.09682), docs/methods/sp.md."""
 
 from __future__ import annotations
 

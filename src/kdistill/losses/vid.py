@@ -1,10 +1,10 @@
-"""Variational Information Distillation (Ahn et al., arXiv 1904.05835), baselines spec §2.9.
+"""Variational Information Distillation (Ahn et al., arXiv 1904.05835); docs/methods/vid.md.
 
 For one stage: a regressor predicts the teacher map's mean from the student map, and a per-channel
 Gaussian variance ``σ_c² = softplus(α_c) + ε`` turns the error into a negative log-likelihood
 ``mean ½[(μ - F_t)²/σ_c² + log σ_c²]``. The variances start at ``init_var`` (5.0).
 
-Spec §8 defect #1: mdistiller keeps ``α`` in a plain list, so it is never trained, saved or moved
+mdistiller keeps ``α`` in a plain list, so it is never trained, saved or moved
 (variance fixed at 5.0); RepDistiller trains it. Here ``α`` is always registered: a parameter
 with ``learn_variance=True`` (RepDistiller), a buffer with ``learn_variance=False`` (mdistiller's
 values), saved in checkpoints either way.

@@ -22,9 +22,9 @@ class _GradientReversal(torch.autograd.Function):
 
 
 def grad_reverse(x: Tensor, coeff: float = 1.0) -> Tensor:
-    """Gradient-reversal layer: ``x`` forward, ``-coeff · grad`` backward (meal.md §1.6, mode ``grl``).
+    """Gradient-reversal layer: ``x`` forward, ``-coeff · grad`` backward (MEAL, mode ``grl``).
 
     A static autograd function with a float coefficient, replacing MEAL v1's legacy instance-style
-    function (meal.md §4 defect 3).
+    function (which fails on PyTorch ≥ 1.5).
     """
     return _GradientReversal.apply(x, float(coeff))

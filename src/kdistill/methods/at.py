@@ -1,4 +1,5 @@
-"""AT (attention transfer): CE + β·Σ_stages at_loss, baselines spec §2.3."""
+"""AT (attention transfer): CE + β·Σ_stages at_loss (Zagoruyko & Komodakis, ICLR 2017);
+docs/methods/at.md."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""CRD and CRD+KD (Tian et al., arXiv 1910.10699): γ·CE + α·KD + β·CRD, baselines spec §2.7, §2.12.
+"""CRD and CRD+KD (Tian et al., arXiv 1910.10699): γ·CE + α·KD + β·CRD; docs/methods/crd.md.
 
 ``crd_kd`` (α=1, T=4) is ``crd`` (α=0) with another default ``kd_weight``: a subclass of its options.
-The embedding heads are sized from the pooled widths of the two models (spec §8 #2).
+The embedding heads are sized from the pooled widths of the two models (mdistiller needs them set per pair).
 
 ``num_samples`` is the training-set size: the memory bank has one row per sample and
 ``batch.index`` must hold dataset row indices in ``[0, num_samples)``. The kdistill engine passes
@@ -36,7 +36,7 @@ from kdistill.utils import ConfigError
 
 @dataclass
 class CRDOptions(MethodOptions):
-    """CRD on the pooled vectors; defaults are the CIFAR-100 benchmark's (§2.7 item 8).
+    """CRD on the pooled vectors; defaults are the CIFAR-100 benchmark's (RepDistiller, mdistiller).
 
     Options: ``num_samples`` (training-set size; default: the run's, ``RunFacts.num_samples``),
     ``num_negatives`` K (16384, clipped to ``num_samples - 1`` with a warning), ``temperature`` τ
@@ -145,7 +145,7 @@ class CRD(Method):
 
 @dataclass
 class CRDKDOptions(CRDOptions):
-    """CRD+KD: the CRD-paper combination, γ=1, α=1 (T=4), β=0.8 (§2.12)."""
+    """CRD+KD: the CRD-paper combination, γ=1, α=1 (T=4), β=0.8."""
 
     kd_weight: float = 1.0
 

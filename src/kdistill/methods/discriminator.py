@@ -1,4 +1,4 @@
-"""MEAL's block discriminator (meal.md §1.5): a small fully connected teacher-vs-student classifier."""
+"""MEAL's block discriminator (docs/methods/meal.md): a small fully connected teacher-vs-student classifier."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from kdistill.utils import ConfigError
 
 
 def discriminator_widths(in_dim: int, reduction: int = 2, depth: int = 2, outputs: int = 2) -> list[int]:
-    """Layer widths ``[d, ⌊d/K⌋, ⌊d/K²⌋, ..., outputs]`` with ``depth`` hidden layers (meal.md §1.5).
+    """Layer widths ``[d, ⌊d/K⌋, ⌊d/K²⌋, ..., outputs]`` with ``depth`` hidden layers.
 
     ``d=10, K=2`` → ``[10, 5, 2, 2]``; ``d=1000, K=8`` → ``[1000, 125, 15, 2]`` (MEAL V2).
     """
@@ -29,11 +29,11 @@ def discriminator_widths(in_dim: int, reduction: int = 2, depth: int = 2, output
 
 
 class Discriminator(nn.Module):
-    """Fully connected layers ``d → ⌊d/K⌋ → ⌊d/K²⌋ → 2`` with bias, ReLU between layers (meal.md §1.5).
+    """Fully connected layers ``d → ⌊d/K⌋ → ⌊d/K²⌋ → 2`` with bias, ReLU between layers.
 
     The reference uses 1×1 convolutions on a ``(2B, d, 1, 1)`` view, the same map and parameter count
     as these linear layers. ``final_relu=True`` reproduces the reference's ReLU on the output logits
-    (a loss floor of ½·ln 2, §1.5); it is off by default. No normalisation, so scoring the student
+    (a loss floor of ½·ln 2); it is off by default. No normalisation, so scoring the student
     and teacher rows in one stacked batch or separately gives the same outputs.
     """
 

@@ -1,4 +1,4 @@
-"""DKD (Zhao et al., CVPR 2022): CE + warm-up · (α·TCKD + β·NCKD), baselines spec §2.8."""
+"""DKD (Zhao et al., CVPR 2022): CE + warm-up · (α·TCKD + β·NCKD); docs/methods/dkd.md."""
 
 from __future__ import annotations
 

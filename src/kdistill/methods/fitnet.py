@@ -1,4 +1,5 @@
-"""FitNet (hint learning): CE + β·MSE(ConvReg(student hint), teacher hint), baselines spec §2.2."""
+"""FitNet (hint learning): CE + β·MSE(ConvReg(student hint), teacher hint) (Romero et al., ICLR 2015);
+docs/methods/fitnet.md."""
 
 from __future__ import annotations
 
@@ -25,12 +26,12 @@ from kdistill.utils import ConfigError
 class ConvReg(nn.Module):
     """Map a student hint C_s@H_s×W_s to the teacher's C_t@H_t×W_t: conv, BatchNorm(C_t), ReLU.
 
-    The conv is chosen from the spatial sizes as in the benchmark (spec §2.2), in this order:
+    The conv is chosen from the spatial sizes as in the CIFAR-100 benchmark code, in this order:
 
     * H_s = 2·H_t (and W_s = 2·W_t): Conv2d 3×3, stride 2, padding 1;
     * 2·H_s = H_t (and 2·W_s = W_t): ConvTranspose2d 4×4, stride 2, padding 1;
     * H_s ≥ H_t and W_s ≥ W_t: Conv2d with kernel (1 + H_s − H_t) × (1 + W_s − W_t) (1×1 when equal);
-    * anything else raises ``ValueError`` (the reference returns ``NotImplemented``, defect #16).
+    * anything else raises ``ValueError`` (the reference returns ``NotImplemented``).
 
     All convs have a bias. ``kind`` names the choice ("conv3x3_s2", "deconv4x4_s2", "conv").
     """

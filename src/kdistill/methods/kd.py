@@ -1,4 +1,4 @@
-"""KD (Hinton et al., arXiv 1503.02531): γ·CE + α·T²·KL, baselines spec §2.1.
+"""KD (Hinton et al., arXiv 1503.02531): γ·CE + α·T²·KL; docs/methods/kd.md.
 
 With several teachers the target is the mean of the teachers' temperature-softened probabilities.
 """

@@ -1,7 +1,7 @@
 """MEAL v1 (Shen et al., AAAI 2019, arXiv 1812.02425) and MEAL V2 (Shen & Savvides, arXiv 2009.08453).
 
 A pool of frozen teachers, a per-batch teacher selection, block-wise similarity losses between
-aligned student and teacher vectors, and one discriminator per block (meal.md §1–§2, §5):
+aligned student and teacher vectors, and one discriminator per block (docs/methods/meal.md):
 
     L = Σ_j γ_j ℓ(v_S,j, target_j) + β Σ_j η_j L_D,j  (+ w_ce · CE(z_S, y), off by default)
 
@@ -15,15 +15,15 @@ aligned student and teacher vectors, and one discriminator per block (meal.md §
   Draws use a seeded generator whose state is part of the ``state_dict``.
 * **Blocks** (``blocks``): ``"logits"`` or feature keys (stage-preset keys such as ``"stage2"``, or
   keys given through ``student_taps``/``teacher_taps``). ``align="meal_v1"`` turns a feature map into
-  the channel-reduced, length-``dims[j]`` resampled vector of §1.3 (no parameters, any widths);
+  the channel-reduced, length-``dims[j]`` resampled vector of MEAL v1's code (no parameters, any widths);
   ``align="gap_linear"`` global-average-pools and maps the student width to the teacher width with a
   linear layer sized by probing (identity when equal; trained with the student).
-* **Discriminators** (§1.5), one per block, are registered modules (checkpointed) and are the
+* **Discriminators**, one per block, are registered modules (checkpointed) and are the
   method's *own parameters*: they are trained by their own SGD (``d_lr``, ``d_momentum``,
   ``d_weight_decay``) through the own-optimizer protocol of ``Method``; ``d_lr_schedule`` says how
   their lr moves: ``scaled`` (``d_lr`` times the student's schedule factor, MEAL v1 code),
-  ``constant``, or ``student`` (equal to the student's lr, MEAL V2's overwrite, §4 defect 5).
-* **Adversarial modes** (§1.6): ``cooperative`` (code default; student and discriminators both
+  ``constant``, or ``student`` (equal to the student's lr, MEAL V2's code overwrote it).
+* **Adversarial modes**: ``cooperative`` (code default; student and discriminators both
   minimise L_D in one step), ``grl`` (gradient reversal on the student rows: the student maximises
   L_D), ``alternating`` (a discriminator step on detached inputs, then a student step on the
   non-saturating fooling loss with the discriminators frozen), ``off``.
@@ -71,7 +71,7 @@ from kdistill.methods.discriminator import Discriminator
 from kdistill.utils import ConfigError
 
 SELECTIONS = ("random", "weighted", "average", "mean_logits")
-SELECTION_ALIASES = {"mean_probs": "average", "weighted_random": "weighted"}  # meal.md §5 names
+SELECTION_ALIASES = {"mean_probs": "average", "weighted_random": "weighted"}  # other names for the same modes
 MODES = ("cooperative", "grl", "alternating", "off")
 ALIGNS = ("meal_v1", "gap_linear")
 DISC_INPUTS = ("mean_logits", "mean_probs")
@@ -117,7 +117,7 @@ def _gap(feature: Tensor) -> Tensor:
 
 @dataclass
 class MEALOptions(MethodOptions):
-    """MEAL v1's options and defaults (meal.md §5, preset ``meal_v1_cifar_*``); see the module docstring."""
+    """MEAL v1's options and defaults (the CIFAR-10 code's); see the module docstring."""
 
     teacher_selection: str = "random"
     teacher_weights: list[float] | None = None
@@ -165,7 +165,7 @@ class MEALOptions(MethodOptions):
 
 @register_method
 class MEAL(Method):
-    """MEAL v1 (meal.md §1; preset ``meal_v1_cifar_*`` of §5): random teacher, K=2 discriminators."""
+    """MEAL v1 (Shen et al., AAAI 2019): random teacher, K=2 discriminators."""
 
     name = "meal_v1"
     Options = MEALOptions
@@ -236,7 +236,8 @@ class MEAL(Method):
     def _size_blocks(
         self, student: TappedModel, teachers: Sequence[TappedModel], dims: list[int | None]
     ) -> tuple[list[int], list[nn.Module]]:
-        """Each block's vector length (validated, meal.md §4 defect 8) and its student alignment layer."""
+        """Each block's vector length (validated here; MEAL v1 fails late on a mismatch) and its student
+        alignment layer."""
         sizes: list[int] = []
         layers: list[nn.Module] = []
         if "logits" in self.blocks:
@@ -277,7 +278,7 @@ class MEAL(Method):
 
     # --- teacher selection ------------------------------------------------------------------
     def select_teachers(self, info: StepInfo) -> list[int]:
-        """``random``/``weighted``: one seeded draw per batch (meal.md §1.2); else all teachers."""
+        """``random``/``weighted``: one seeded draw per batch (MEAL v1); else all teachers."""
         if self.selection == "random":
             self._selected = [int(torch.randint(self.num_teachers, (1,), generator=self._generator))]
         elif self.selection == "weighted":
@@ -378,7 +379,7 @@ class MEAL(Method):
         return list(self.discriminators.parameters())
 
     def configure_own_optimizer(self) -> torch.optim.Optimizer | None:
-        """SGD over the discriminators with ``d_lr``, ``d_momentum``, ``d_weight_decay`` (meal.md §1.7, §2.5)."""
+        """SGD over the discriminators with ``d_lr``, ``d_momentum``, ``d_weight_decay``."""
         params = self.own_parameters()
         if not params:
             return None
@@ -395,7 +396,7 @@ class MEAL(Method):
     def own_step_losses(
         self, batch: Batch, student: ModelOutput, teachers: Sequence[ModelOutput], info: StepInfo
     ) -> dict[str, Tensor] | None:
-        """``alternating`` only: ``η_j L_D,j`` on detached student and teacher rows (meal.md §1.6)."""
+        """``alternating`` only: ``η_j L_D,j`` on detached student and teacher rows."""
         if self.mode != "alternating":
             return None
         with torch.no_grad():
@@ -411,7 +412,7 @@ class MEAL(Method):
 
 @dataclass
 class MEALV2Options(MEALOptions):
-    """MEAL V2's defaults (meal.md §5, preset ``meal_v2_imagenet``): all teachers averaged, the
+    """MEAL V2's defaults (its ImageNet code): all teachers averaged, the
     discriminator (K=8) on student vs mean teacher logits, discriminator lr 1e-4 without weight decay."""
 
     teacher_selection: str = "average"
@@ -440,7 +441,7 @@ class MEALV2Options(MEALOptions):
 
 @register_method
 class MEALV2(MEAL):
-    """MEAL V2 (meal.md §2; preset ``meal_v2_imagenet`` of §5): all teachers averaged, logits only,
+    """MEAL V2 (Shen & Savvides, 2020): all teachers averaged, logits only,
     soft CE on the mean probabilities, the discriminator (K=8) on student vs mean teacher logits,
     cooperative, discriminator weight decay 0. Same options as ``meal_v1``, other defaults.
     """

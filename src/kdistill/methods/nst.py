@@ -1,4 +1,4 @@
-"""NST (neuron selectivity transfer): CE + β·Σ_stages nst_loss, baselines spec §2.10."""
+"""NST (neuron selectivity transfer): CE + β·Σ_stages nst_loss (Huang & Wang, 2017); docs/methods/nst.md."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""PKT (probabilistic knowledge transfer): CE + β·pkt_loss on pooled vectors, baselines spec §2.6."""
+"""PKT (probabilistic knowledge transfer): CE + β·pkt_loss on pooled vectors (Passalis & Tefas, ECCV 2018);
+docs/methods/pkt.md."""
 
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
 """ReviewKD: "Distilling Knowledge via Knowledge Review" (Chen et al., CVPR 2021, arXiv 2104.09044).
 
-Teacher stage i is matched against a fusion of student stages i..n (the review mechanism, spec §2),
-computed from the deepest stage down by attention-based fusion (ABF) modules (§3, §4), and the
-outputs are compared with the hierarchical context loss (§7, ``kdistill.losses.hcl_loss``).
+Teacher stage i is matched against a fusion of student stages i..n (the review mechanism),
+computed from the deepest stage down by attention-based fusion (ABF) modules, and the outputs are
+compared with the hierarchical context loss (``kdistill.losses.hcl_loss``); docs/methods/reviewkd.md.
 
 Everything the released code configures by hand (channel lists, ``shapes``, ``out_shapes``) is
-read here from a dry run of student and teacher (spec §4 "recommended kdistill behaviour",
-§12 #7); explicit lists are accepted for reproduction and checked against the probe.
+read here from a dry run of student and teacher (a wrong hand-set value breaks the reference's
+attention reshape or resizes silently); explicit lists are accepted for reproduction and checked against the probe.
 """
 
 from __future__ import annotations
@@ -46,13 +46,13 @@ def _size(value: int | Sequence[int] | None) -> Size | None:
 
 
 class ABF(nn.Module):
-    """Attention-based fusion module, ReviewKD spec §3 (names ``conv1``/``conv2``/``att_conv`` as in
+    """Attention-based fusion module of ReviewKD (names ``conv1``/``conv2``/``att_conv`` as in
     the released code, so its distiller checkpoints map one to one).
 
     ``conv1``: 1×1 conv + BN (C_in → C_m); ``conv2``: 3×3 conv + BN (C_m → C_out), both without
     bias or activation, weights Kaiming-uniform with ``a=1``. ``att_conv`` (only when ``fuse`` with
     ``fusion="attention"``): 1×1 conv (2·C_m → 2, with bias, PyTorch default init) + sigmoid.
-    ``fusion="sum"`` adds the residual instead (the "without ABF" ablation, spec §11.5).
+    ``fusion="sum"`` adds the residual instead (the paper's "without ABF" ablation).
     """
 
     def __init__(self, in_channels: int, mid_channels: int, out_channels: int, fuse: bool, fusion: str = "attention"):
@@ -77,7 +77,7 @@ class ABF(nn.Module):
         shape: int | Sequence[int] | None = None,
         out_shape: int | Sequence[int] | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Return ``(output, residual)`` (spec §3.2).
+        """Return ``(output, residual)``.
 
         ``residual`` (from the next-deeper ABF) is resized (nearest) to ``shape``, which must be
         ``x``'s own size (default); ``out_shape`` (CIFAR variant, step 3) resizes the fused map to
@@ -91,7 +91,7 @@ class ABF(nn.Module):
                 raise ValueError("a fusing ABF needs the residual of the next-deeper ABF")
             target = _size(shape) or hw
             if target != hw:
-                raise ValueError(f"ABF shape {target} must equal the student feature size {hw} (spec §3.2)")
+                raise ValueError(f"ABF shape {target} must equal the student feature size {hw}")
             y = F.interpolate(residual, size=hw, mode="nearest")
             if self.att_conv is None:
                 x = x + y
@@ -156,42 +156,42 @@ class ReviewKDOptions(MethodOptions):
 
 @register_method
 class ReviewKD(Method):
-    """ReviewKD for classification: CE + λ·warm-up(e)·Σ HCL(ABF outputs, teacher targets) (spec §8).
+    """ReviewKD for classification: CE + λ·warm-up(e)·Σ HCL(ABF outputs, teacher targets).
 
     Features: student and teacher stages ``stage1..stageK`` plus ``pooled`` (the stem is unused,
-    spec §4); the pooled vector is treated as C×1×1. ABF[0] takes the pooled vector and does not
+    as in the authors' code); the pooled vector is treated as C×1×1. ABF[0] takes the pooled vector and does not
     fuse; ABF[k] takes stage K+1-k and fuses the residual of ABF[k-1]. All channels and sizes come
     from ``self.probe``; ABFs whose student stage is smaller than the teacher's resize to the
-    teacher size before ``conv2`` (``resize_to_teacher``, the CIFAR variant's ``out_shape`` step,
-    §3.2 step 3), which needs an integer ratio. The method's parameters are exactly the ABFs.
+    teacher size before ``conv2`` (``resize_to_teacher``, the CIFAR variant's ``out_shape`` step),
+    which needs an integer ratio. The method's parameters are exactly the ABFs.
 
-    Options (spec §5, §6, §7, §8, §12):
+    Options (docs/methods/reviewkd.md):
 
     * ``loss_weight`` λ; ``ce_weight`` (1.0); ``warmup_epochs`` (20; 0 = none, as on ImageNet).
     * ``warmup_epoch_base``: factor = min(1, (epoch + base) / warmup_epochs) with the 0-indexed
       trainer epoch. 0 (default) is the official code: the first epoch has no review loss and the
       full weight starts at epoch 20. 1 is mdistiller (first epoch already at 1/20). Default 0
-      because the published numbers (spec §11) were produced by that schedule and no evidence
-      favours the shift (spec §12 #4).
-    * ``mid_channels`` C_m: default min(``max_mid_channels``, student pooled width) (spec §5);
+      because the published numbers were produced by that schedule and no evidence favours
+      the shift.
+    * ``mid_channels`` C_m: default min(``max_mid_channels``, student pooled width);
       an explicit value is honoured (256 for the official ResNet50→MobileNetV1 pair; mdistiller's
-      ignored ``MAX_MID_CHANNEL`` is not reproduced, §12 #5).
+      ignored ``MAX_MID_CHANNEL`` is not reproduced).
     * ``student_preact`` (False) / ``teacher_preact`` (True): pre-ReLU stage taps. The defaults are
       the official CIFAR setting that produced the published table (post-ReLU student, pre-ReLU
-      teacher); the asymmetry was not deliberate (spec §6, §12 #3), so the ImageNet recipes set both
+      teacher); the asymmetry was not deliberate (the authors say so), so the ImageNet recipes set both
       to True as the official ImageNet code does.
-    * ``levels``, ``level_weight_decay``, ``hcl_skip_rule``: HCL (spec §7, §12 #8); ``levels=[]``
+    * ``levels``, ``level_weight_decay``, ``hcl_skip_rule``: HCL; ``levels=[]``
       gives plain MSE (the "without HCL" ablation). ``fusion="sum"``: the "without ABF" ablation.
     * ``in_channels``/``out_channels`` (shallow→deep, pooled last) and ``shapes``/``out_shapes``
       (deep→shallow, pooled first), as in the released configs: optional, validated against the
-      probe (spec §4 list conventions; the official resnet list's fifth superfluous shape must be
+      probe (the official resnet list's fifth superfluous shape must be
       dropped).
 
     Teacher: always in eval mode under inference mode (the ``Distiller`` does that). The official
     CIFAR code leaves the teacher in train mode (BN on batch statistics, running statistics
-    drifting, §12 #1); that is not reproduced: the targets then depend on the batch and the
+    drifting); that is not reproduced: the targets then depend on the batch and the
     teacher changes during distillation. A batch of one in training mode is rejected because the
-    pooled ABF applies BatchNorm to 1×1 maps (§12 #9).
+    pooled ABF applies BatchNorm to 1×1 maps.
     """
 
     name = "reviewkd"
@@ -221,7 +221,7 @@ class ReviewKD(Method):
         self.student_features, self.teacher_features = s_keys, t_keys
         self._check_pairs(s_keys, s_shapes, t_keys, t_shapes)
 
-        # spec §4 list conventions: channels shallow→deep (pooled last), sizes deep→shallow
+        # the released configs' list conventions: channels shallow→deep (pooled last), sizes deep→shallow
         self.in_channels = [s_shapes[k][0] for k in s_keys]
         self.out_channels = [t_shapes[k][0] for k in t_keys]
         self.shapes = [s_shapes[k][1:] for k in reversed(s_keys)]
@@ -319,13 +319,13 @@ class ReviewKD(Method):
 
     # --- training ----------------------------------------------------------------------------------
     def warmup_factor(self, epoch: int) -> float:
-        """min(1, (epoch + warmup_epoch_base) / warmup_epochs) for the 0-indexed ``epoch`` (spec §8)."""
+        """min(1, (epoch + warmup_epoch_base) / warmup_epochs) for the 0-indexed ``epoch``."""
         if self.warmup_epochs == 0:
             return 1.0
         return min(1.0, (epoch + self.warmup_epoch_base) / self.warmup_epochs)
 
     def review(self, features: Sequence[Tensor], targets: Sequence[Tensor] | None = None) -> list[Tensor]:
-        """The review chain (spec §4): ABF outputs shallow→deep for student features shallow→deep
+        """The review chain: ABF outputs shallow→deep for student features shallow→deep
         (pooled last, N×C×1×1). ``targets`` (teacher maps) give the ``out_shape`` sizes; without
         them the probed sizes are used."""
         feats = list(features)[::-1]

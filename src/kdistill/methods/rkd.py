@@ -1,4 +1,5 @@
-"""RKD (relational KD): CE + β·(25·distance + 50·angle) on pooled vectors, baselines spec §2.5."""
+"""RKD (relational KD): CE + β·(25·distance + 50·angle) on pooled vectors (Park et al., CVPR 2019);
+docs/methods/rkd.md."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ class RKDOptions(MethodOptions):
 class RKD(Method):
     """Pooled penultimate vectors (``feat[-1]``); β=1, distance weight 25, angle weight 50.
 
-    The angle term costs O(B³) memory (B=64: 262k triples, fine; spec §8 defect #9).
+    The angle term costs O(B³) memory (B=64: 262k triples, fine).
     """
 
     name = "rkd"

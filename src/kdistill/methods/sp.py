@@ -1,4 +1,4 @@
-"""SP (similarity-preserving KD): CE + β·sp_loss on the last stage, baselines spec §2.4."""
+"""SP (similarity-preserving KD): CE + β·sp_loss on the last stage (Tung & Mori, ICCV 2019); docs/methods/sp.md."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""VID (Ahn et al., arXiv 1904.05835): γ·CE + β·Σ_stages VID, baselines spec §2.9, §2.12.
+"""VID (Ahn et al., arXiv 1904.05835): γ·CE + β·Σ_stages VID; docs/methods/vid.md.
 
 Uses every stage output (post-ReLU, ``feat[1:-1]``) of student and teacher, paired in order; one
 ``VIDLoss`` (regressor + per-channel variances) per stage, sized by probing the two models.
@@ -31,7 +31,7 @@ class VIDOptions(MethodOptions):
     """Defaults are the CIFAR-100 benchmark's: γ=1, β=1, initial variance 5.0, ε=1e-5.
 
     ``learn_variance=True`` trains the variances (RepDistiller); ``False`` keeps them at
-    ``init_var`` (mdistiller, spec §8 #1).
+    ``init_var`` (mdistiller, whose variances are never registered).
     """
 
     ce_weight: float = 1.0

@@ -1,11 +1,12 @@
-"""MobileNetV2 for CIFAR (``mobile_half``: expansion T=6, width 0.5), baselines spec §7.5.
+"""MobileNetV2 for CIFAR (``mobile_half``: expansion T=6, width 0.5), as defined by RepDistiller
+(Tian et al., ICLR 2020) and mdistiller for the CIFAR-100 benchmark.
 
 Parameter names and shapes equal the shared RepDistiller/mdistiller CIFAR checkpoints
 (``conv1``, ``blocks.{g}.{b}.conv.{0,1,3,4,6,7}``, ``conv2``, ``classifier.0``). Plain ReLU (not
-ReLU6), out of place. Unlike the reference, the constructor prints nothing (defect §8 #15), and the
+ReLU6), out of place. Unlike the reference, the constructor prints nothing, and the
 final pool is adaptive (identical to the reference AvgPool at 32×32, and valid at other sizes).
 
-Stage features (§7.9) are the linear-bottleneck outputs of groups 1, 2, 4 and 6; they are never
+Stage features are the linear-bottleneck outputs of groups 1, 2, 4 and 6; they are never
 ReLU'd, so the pre-ReLU preset equals the post-ReLU one.
 """
 
@@ -95,13 +96,13 @@ class CifarMobileNetV2(nn.Module):
 
 @register_model("cifar.mobile_half")
 def mobile_half(num_classes: int = 100) -> CifarMobileNetV2:
-    """CIFAR MobileNetV2, T=6, width 0.5 (reference ``MobileNetV2`` / ``mobile_half``, §7.5)."""
+    """CIFAR MobileNetV2, T=6, width 0.5 (reference ``MobileNetV2`` / ``mobile_half``)."""
     return CifarMobileNetV2(6, 0.5, num_classes)
 
 
 @register_stage_preset(lambda m: model_name(m) == "cifar.mobile_half")
 def mobilenetv2_stage_taps(model: nn.Module, preact: bool) -> OrderedDict[str, str]:
-    """MobileNetV2 stage taps (§7.9): linear group outputs 1, 2, 4, 6; ``preact`` changes nothing."""
+    """MobileNetV2 stage taps: linear group outputs 1, 2, 4, 6; ``preact`` changes nothing."""
     taps: OrderedDict[str, str] = OrderedDict(stem="conv1")
     for i, group in enumerate((1, 2, 4, 6), 1):
         taps[f"stage{i}"] = f"blocks.{group}"

@@ -1,8 +1,10 @@
-"""CIFAR ResNets (resnet8 ... resnet110, resnet8x4, resnet32x4), baselines spec §7.2.
+"""CIFAR ResNets (resnet8 ... resnet110, resnet8x4, resnet32x4) of the CIFAR-100 benchmark (RepDistiller,
+mdistiller).
 
 Parameter names and shapes equal the widely shared RepDistiller/mdistiller CIFAR checkpoints
 (``<name>_vanilla/ckpt_epoch_240.pth``), so those load strictly. Activations and residual
-additions are out of place so that feature taps see the values the spec describes (§7.9).
+additions are out of place so that feature taps see the values of the forward pass
+(an in-place op would change a tapped feature after it was recorded).
 """
 
 from __future__ import annotations

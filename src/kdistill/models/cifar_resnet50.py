@@ -1,10 +1,11 @@
-"""ResNet50 for CIFAR (``resnet50``: reference ``ResNet50`` of ``models/resnetv2.py``), baselines spec §7.8.
+"""ResNet50 for CIFAR (``resnet50``: reference ``ResNet50`` of RepDistiller's ``models/resnetv2.py``).
 
 Parameter names and shapes equal the shared RepDistiller/mdistiller CIFAR checkpoints; note the
 projection is called ``shortcut`` (not ``downsample``) and is an empty ``nn.Sequential`` for
-identity shortcuts. Out-of-place ReLU and residual additions (§7.9, in-place hazard).
+identity shortcuts. Out-of-place ReLU and residual additions (an in-place op would change a
+tapped feature after it was recorded).
 
-Stage preset (§7.9): post = stage output; pre-ReLU = the last block's ``bn3`` output plus its
+Stage preset: post = stage output; pre-ReLU = the last block's ``bn3`` output plus its
 ``shortcut`` output (the block input when the shortcut is empty); pooled = ``avgpool`` output.
 """
 
@@ -79,13 +80,13 @@ class CifarResNet50(nn.Module):
 
 @register_model("cifar.resnet50")
 def resnet50(num_classes: int = 100) -> CifarResNet50:
-    """CIFAR ResNet50 (reference ``ResNet50`` in ``resnetv2.py``, §7.8)."""
+    """CIFAR ResNet50 (reference ``ResNet50`` in ``resnetv2.py``)."""
     return CifarResNet50(num_classes=num_classes)
 
 
 @register_stage_preset(lambda m: model_name(m) == "cifar.resnet50")
 def resnet50_stage_taps(model: nn.Module, preact: bool) -> OrderedDict[str, str]:
-    """CIFAR ResNet50 stage taps (§7.9): pre-ReLU = last block's ``bn3`` + ``shortcut``."""
+    """CIFAR ResNet50 stage taps: pre-ReLU = last block's ``bn3`` + ``shortcut``."""
     taps: OrderedDict[str, str] = OrderedDict(stem="bn1!relu")
     for s in (1, 2, 3, 4):
         layer = f"layer{s}"

@@ -1,10 +1,10 @@
-"""ShuffleNetV1 for CIFAR (``shufflev1``: 3 groups, stage outputs 240/480/960, blocks 4/8/4),
-baselines spec §7.6.
+"""ShuffleNetV1 for CIFAR (``shufflev1``: 3 groups, stage outputs 240/480/960, blocks 4/8/4)
+of the CIFAR-100 benchmark (RepDistiller, mdistiller).
 
 Parameter names and shapes equal the shared RepDistiller/mdistiller CIFAR checkpoints
 (``conv1``, ``bn1``, ``layer{s}.{b}.{conv,bn}{1,2,3}``, ``linear``). Out-of-place ReLU/additions.
 
-Stage preset (§7.9): post = stage output; pre-ReLU = the last block's ``bn3`` output plus its
+Stage preset: post = stage output; pre-ReLU = the last block's ``bn3`` output plus its
 shortcut (the last block of every stage has stride 1, so the shortcut is the identity and the
 pre-activation is a sum); pooled = spatial mean of the ``layer3`` output.
 """
@@ -84,13 +84,13 @@ class CifarShuffleNetV1(nn.Module):
 
 @register_model("cifar.shufflev1")
 def shufflev1(num_classes: int = 100) -> CifarShuffleNetV1:
-    """CIFAR ShuffleNetV1, 3 groups (reference ``ShuffleV1``, §7.6)."""
+    """CIFAR ShuffleNetV1, 3 groups (reference ``ShuffleV1``)."""
     return CifarShuffleNetV1(num_classes=num_classes)
 
 
 @register_stage_preset(lambda m: model_name(m) == "cifar.shufflev1")
 def shufflev1_stage_taps(model: nn.Module, preact: bool) -> OrderedDict[str, str]:
-    """ShuffleNetV1 stage taps (§7.9)."""
+    """ShuffleNetV1 stage taps (post-ReLU stage outputs or their pre-ReLU sums)."""
     taps: OrderedDict[str, str] = OrderedDict(stem="bn1!relu")
     for s in (1, 2, 3):
         layer = f"layer{s}"

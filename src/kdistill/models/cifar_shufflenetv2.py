@@ -1,12 +1,12 @@
 """ShuffleNetV2 for CIFAR (``shufflev2``: net size 1, stages 116/232/464, basic blocks 3/7/3,
-head 1024), baselines spec §7.7.
+head 1024) of the CIFAR-100 benchmark (RepDistiller, mdistiller).
 
 Parameter names and shapes equal the shared RepDistiller/mdistiller CIFAR checkpoints
 (``conv1``, ``bn1``, ``layer{s}.0.{conv,bn}{1..5}`` down blocks, ``layer{s}.{b}.{conv,bn}{1..3}``
 basic blocks, ``conv2``, ``bn2``, ``linear``). Out-of-place ReLU.
 
-Stage preset (§7.9): post = stage output; pre-ReLU = concat[first half of the last block's input,
-its ``bn3`` output], **not** channel-shuffled (kept for compatibility, defect §8 #14). That tensor
+Stage preset: post = stage output; pre-ReLU = concat[first half of the last block's input,
+its ``bn3`` output], **not** channel-shuffled (kept for compatibility with the reference). That tensor
 has no module of its own in the reference, so each basic block passes it through a parameter-free
 ``preact`` marker (``nn.Identity``) to make it tappable; pooled = spatial mean of ReLU(``bn2``).
 """
@@ -112,13 +112,13 @@ class CifarShuffleNetV2(nn.Module):
 
 @register_model("cifar.shufflev2")
 def shufflev2(num_classes: int = 100) -> CifarShuffleNetV2:
-    """CIFAR ShuffleNetV2, net size 1 (reference ``ShuffleV2``, §7.7)."""
+    """CIFAR ShuffleNetV2, net size 1 (reference ``ShuffleV2``)."""
     return CifarShuffleNetV2(num_classes=num_classes)
 
 
 @register_stage_preset(lambda m: model_name(m) == "cifar.shufflev2")
 def shufflev2_stage_taps(model: nn.Module, preact: bool) -> OrderedDict[str, str]:
-    """ShuffleNetV2 stage taps (§7.9); the pre-ReLU stage features are not shuffled (defect #14)."""
+    """ShuffleNetV2 stage taps; the pre-ReLU stage features are not shuffled (as in the reference)."""
     taps: OrderedDict[str, str] = OrderedDict(stem="bn1!relu")
     for s in (1, 2, 3):
         layer = f"layer{s}"

@@ -1,9 +1,10 @@
-"""VGG with BatchNorm for CIFAR (vgg8, vgg11, vgg13, vgg16, vgg19), baselines spec §7.4.
+"""VGG with BatchNorm for CIFAR (vgg8, vgg11, vgg13, vgg16, vgg19) of the CIFAR-100 benchmark (RepDistiller,
+mdistiller).
 
 Parameter names and shapes equal the shared RepDistiller/mdistiller CIFAR checkpoints
 (``block{i}.{3m}`` conv with bias, ``block{i}.{3m+1}`` BN, ``classifier``). Each block ends in its
 last BN (its final ReLU is applied outside, functionally), so the block output is the pre-ReLU
-feature and ``block{i}!relu`` the post-ReLU one (§7.9).
+feature and ``block{i}!relu`` the post-ReLU one.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _make_block(widths: list[int], in_channels: int) -> nn.Sequential:
 
 class CifarVGG(nn.Module):
     """Five conv blocks; max-pool after blocks 0-2 (and after block 3 only for 64×64 inputs, as in
-    the reference, defect §8 #15); global average pool; one linear classifier."""
+    the reference); global average pool; one linear classifier."""
 
     def __init__(self, config: list[list[int]], num_classes: int = 100):
         super().__init__()
@@ -76,7 +77,7 @@ def _vgg(name: str):
     def factory(num_classes: int = 100) -> CifarVGG:
         return CifarVGG(_CONFIGS[name], num_classes)
 
-    factory.__doc__ = f"CIFAR {name} with BatchNorm (reference constructor {name}_bn, baselines spec §7.4)."
+    factory.__doc__ = f"CIFAR {name} with BatchNorm (reference constructor {name}_bn of the CIFAR-100 benchmark)."
     return factory
 
 
@@ -86,7 +87,7 @@ for _name in _CONFIGS:
 
 @register_stage_preset(lambda m: model_name(m).startswith("cifar.vgg"))
 def vgg_stage_taps(model: nn.Module, preact: bool) -> OrderedDict[str, str]:
-    """VGG stage taps (§7.9): stem = ReLU(block0); stage i = block i (pre) or its ReLU (post)."""
+    """VGG stage taps: stem = ReLU(block0); stage i = block i (pre) or its ReLU (post)."""
     suffix = "" if preact else "!relu"
     taps: OrderedDict[str, str] = OrderedDict(stem="block0!relu")
     for i in range(1, 5):

@@ -1,13 +1,15 @@
-"""Wide ResNets for CIFAR (wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2), baselines spec §7.3.
+"""Wide ResNets for CIFAR (wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2) of the CIFAR-100 benchmark
+(RepDistiller, mdistiller).
 
 Pre-activation blocks; parameter names and shapes equal the shared RepDistiller/mdistiller CIFAR
 checkpoints (``block{g}.layer.{b}.*``, ``convShortcut``). Activations and additions are out of
-place so feature taps see the values of §7.9.
+place so feature taps see the values before any later in-place change.
 
-Stage preset (§7.9): post features are the raw group outputs (residual sums, no BN/ReLU);
+Stage preset: post features are the raw group outputs (residual sums, no BN/ReLU);
 pre-ReLU features are the outputs of the BN layers the normal forward already applies to those
 group outputs (``block2.layer.0.bn1``, ``block3.layer.0.bn1``, top-level ``bn1``), so no BN runs
-twice and running statistics are updated once (defect §8 #13).
+twice and running statistics are updated once (the reference applies those BNs a second time to get
+them, updating the statistics twice in training mode).
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def _wrn(depth: int, widen_factor: int):
     def factory(num_classes: int = 100, drop_rate: float = 0.0) -> WideResNet:
         return WideResNet(depth, widen_factor, num_classes, drop_rate)
 
-    factory.__doc__ = f"CIFAR Wide ResNet {depth}-{widen_factor} (baselines spec §7.3)."
+    factory.__doc__ = f"CIFAR Wide ResNet {depth}-{widen_factor} (CIFAR-100 benchmark definition)."
     return factory
 
 
@@ -114,7 +116,7 @@ for _depth, _k in ((16, 1), (16, 2), (40, 1), (40, 2)):
 
 @register_stage_preset(lambda m: model_name(m).startswith("cifar.wrn_"))
 def wrn_stage_taps(model: nn.Module, preact: bool) -> OrderedDict[str, str]:
-    """WRN stage taps (§7.9): stem = raw conv output; pre-ReLU = the next BN's output (no extra BN call)."""
+    """WRN stage taps: stem = raw conv output; pre-ReLU = the next BN's output (no extra BN call)."""
     taps: OrderedDict[str, str] = OrderedDict(stem="conv1")
     if preact:
         taps.update(stage1="block2.layer.0.bn1", stage2="block3.layer.0.bn1", stage3="bn1")

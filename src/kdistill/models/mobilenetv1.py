@@ -1,17 +1,17 @@
 """MobileNet (V1) for ImageNet: the ResNet50 → MobileNet student of ReviewKD / CRD / OFD
-(ReviewKD spec §9.2 and §6).
+(docs/methods/reviewkd.md).
 
 Layout of the ReviewKD/OFD ImageNet definition: ``model`` = Sequential of a 3×3 conv-BN-ReLU stem
 (32 channels, stride 2), 13 depthwise-separable blocks (``model.{1..13}`` =
 [3×3 depthwise, BN, ReLU, 1×1, BN, ReLU], widths 64, 128 s2, 128, 256 s2, 256, 512 s2, 512×5,
 1024 s2, 1024) and the average pool ``model.14``; then ``fc``. Parameter names therefore match
 checkpoints saved from that code. Differences, none of which touches the state dict: ReLUs are out of
-place (taps see pre-ReLU values, §7.9 of the baselines spec), and the pool is adaptive (equal to
+place (taps see pre-ReLU values), and the pool is adaptive (equal to
 AvgPool 7 at 224×224, and valid at other sizes). PyTorch default initialisation, as in the reference.
 
 Stage preset: blocks 3, 5, 11, 13 (128@56, 256@28, 512@14, 1024@7 at 224×224); the pre-ReLU variant
-taps their last BN (``model.{i}.4``), i.e. "before the final ReLU" (ReviewKD §6); pooled = the average
-pool of ReLU(block 13).
+taps their last BN (``model.{i}.4``), i.e. "before the final ReLU" as in the ReviewKD ImageNet code;
+pooled = the average pool of ReLU(block 13).
 """
 
 from __future__ import annotations
@@ -67,13 +67,13 @@ class MobileNetV1(nn.Module):
 
 @register_model("imagenet.mobilenet_v1")
 def mobilenet_v1(num_classes: int = 1000) -> MobileNetV1:
-    """ImageNet MobileNetV1 (the ReviewKD/CRD ResNet50 → MobileNet student, ReviewKD spec §9.2)."""
+    """ImageNet MobileNetV1 (the ReviewKD/CRD ResNet50 → MobileNet student of the ReviewKD and CRD papers)."""
     return MobileNetV1(num_classes)
 
 
 @register_stage_preset(lambda m: model_name(m) == "imagenet.mobilenet_v1")
 def mobilenet_v1_stage_taps(model: nn.Module, preact: bool) -> OrderedDict[str, str]:
-    """MobileNetV1 stage taps: blocks 3, 5, 11, 13; pre-ReLU = their last BN (ReviewKD §6)."""
+    """MobileNetV1 stage taps: blocks 3, 5, 11, 13; pre-ReLU = their last BN (as ReviewKD uses them)."""
     taps: OrderedDict[str, str] = OrderedDict(stem="model.0")
     for s, block in enumerate(STAGE_BLOCKS, 1):
         taps[f"stage{s}"] = f"model.{block}.4" if preact else f"model.{block}"

@@ -3,7 +3,7 @@
 Stages are the last inverted-residual block at output strides 4, 8, 16 and 32 (``features.3``,
 ``features.6``, ``features.13``, ``features.17`` for the default configuration: 24@56, 32@28,
 96@14, 320@7 at 224×224). Those are linear-bottleneck outputs (no activation follows inside the
-block), so, as for the CIFAR MobileNetV2 (baselines spec §7.9), the pre-ReLU preset equals the
+block), so, as for the CIFAR MobileNetV2, the pre-ReLU preset equals the
 post-ReLU one. Stem = ``features.0`` (conv-BN-ReLU6); pooled = spatial mean of the ``features``
 output (torchvision pools functionally).
 """
