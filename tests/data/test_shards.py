@@ -1,5 +1,5 @@
 """Packed shards (LitData): packing a folder and reading it back, bad images, DDP ranks and workers reading
-disjoint samples.
+disjoint samples, and a training run killed with SIGKILL mid-epoch resuming without repeating or skipping samples.
 The image folder and its shards come from ``tests/conftest.py`` (``packed_shards``)."""
 
 from __future__ import annotations
@@ -118,3 +118,53 @@ def test_ddp_ranks_and_workers_read_disjoint_samples_covering_the_split(packed_s
     assert len(train[0]) == len(train[1]) == TRAIN // 2  # equal shares: no rank waits for the other
     val = [i for r in ranks for batch in r["val"] for i in batch]
     assert sorted(val) == sorted(set(range(VAL)) - {4})  # every readable val sample exactly once
+
+
+RECORDER = """
+import json, os, signal, sys
+from kdistill.engine import module
+
+kill_at = int(os.environ.get("KILL_AT_STEP", "-1"))
+log = open(sys.argv[1], "a")
+train_step = module.DistillModule.training_step
+
+
+def recording_step(self, batch, batch_idx):
+    if self.global_step == kill_at:  # the checkpoint of the previous step is on disk
+        os.kill(os.getpid(), signal.SIGKILL)
+    loss = train_step(self, batch, batch_idx)
+    log.write(json.dumps({"epoch": self.current_epoch, "index": batch.index.tolist()}) + "\\n")
+    log.flush()
+    return loss
+
+
+module.DistillModule.training_step = recording_step
+from kdistill.cli import main
+
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_run_killed_mid_epoch_resumes_without_repeating_or_skipping_samples(packed_shards, tmp_path: Path) -> None:
+    _, out = packed_shards
+    script = tmp_path / "recorder.py"
+    script.write_text(RECORDER)
+    record = tmp_path / "seen.jsonl"
+    args = ["train", "model=cifar.resnet8", "data.name=shards", f"data.root={out}", "data.transform=imagenet",
+            "data.image_size=16", "data.batch_size=8", "data.eval_batch_size=16", "data.num_workers=2",
+            "trainer.max_epochs=1", "trainer.accelerator=cpu", "trainer.progress_bar=false",
+            "trainer.checkpoint_every_n_steps=1", f"output={tmp_path / 'run'}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, str(script), str(record), *args], env={**env, "KILL_AT_STEP": "3"},
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    before = [json.loads(line) for line in record.read_text().splitlines()]
+    assert len(before) == 3  # of the epoch's 6 batches of 8
+    resumed = subprocess.run([sys.executable, str(script), str(record), *args, "--resume"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = [json.loads(line) for line in record.read_text().splitlines()]
+    assert len(rows) == 6 and {r["epoch"] for r in rows} == {0}
+    seen = [i for r in rows for i in r["index"]]
+    assert sorted(seen) == list(range(TRAIN)), "repeated or skipped samples"
+    assert seen != sorted(seen)  # shuffled

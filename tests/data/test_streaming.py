@@ -243,7 +243,7 @@ def test_data_options_are_checked_before_anything_runs(tmp_path: Path, capsys: p
         (["data.transform=imagenett"], r"unknown value for data.transform 'imagenett'.*Did you mean 'imagenet'"),
         (["data.in_memory=sometimes"], r"unknown value for data.in_memory 'sometimes'.*auto, false, true"),
         (["data.decoder=libjpeg"], r"unknown value for data.decoder 'libjpeg'.*simplejpeg"),
-        (["data.name=imagefolder", "data.root=x", "data.transform=imagenet"], "needs data.name=imagefolder and data.image_size"),
+        (["data.name=imagefolder", "data.root=x", "data.transform=imagenet"], "needs data.name=imagefolder or shards and data.image_size"),
         (["data.memory_budget_gb=-1"], "data.memory_budget_gb must be >= 0"),
         (["trainer.checkpoint_every_n_steps=0"], "trainer.checkpoint_every_n_steps must be >= 1"),
     ]

@@ -1,9 +1,10 @@
 """The teacher cache of random resized crops (FKD-style top-k soft labels): the top-k rule by hand, boxes seeded and
-recorded with the cache, cached labels equal to a live teacher pass on the same crops and the combinations that cannot be
-cached."""
+recorded with the cache, cached labels equal to a live teacher pass on the same crops, the combinations that cannot be
+cached, and the command line (cache-teacher on shards, then distill without any teacher pass)."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -102,3 +103,59 @@ def test_crop_cache_refuses_feature_methods_and_batch_transforms(packed_shards, 
     cifar = open_shards(str(out), build_transform("cifar", 16))[0]
     with pytest.raises(ConfigError, match="needs data.transform=imagenet"):
         build_crop_cache(_distiller(), cifar, norm, tmp_path / "g")
+
+
+
+def test_cache_teacher_on_shards_then_distill_without_teacher_pass(packed_shards, tmp_path: Path, capsys) -> None:
+    from kdistill import step
+    from kdistill.cli import main
+
+    _, out = packed_shards
+    common = ["model=cifar.resnet8", "teacher.model=cifar.resnet8", "method.name=kd", "teacher.allow_untrained=true", "data.name=shards",
+              f"data.root={out}", "data.transform=imagenet", "data.image_size=16", "data.batch_size=16",
+              "data.eval_batch_size=16", "trainer.max_epochs=1", "trainer.accelerator=cpu",
+              "trainer.progress_bar=false", f"output={tmp_path / 'run'}"]
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", *common, "--views", "2", "--topk", "2", "--out", str(cache)]) == 0
+    assert "top-2 of crops" in capsys.readouterr().out
+    calls = []
+    original = step.Distiller.teacher_forward
+    step.Distiller.teacher_forward = lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    try:
+        assert main(["distill", *common, f"teacher.cache={cache}"]) == 0
+    finally:
+        step.Distiller.teacher_forward = original
+    assert calls == []  # every training step took the teachers' outputs from the cache
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 1
+    # a feature method cannot use a logit cache: exit 2 with the reason, before any training
+    assert main(["distill", *common, "method.name=fitnet", f"teacher.cache={cache}"]) == 2
+    assert "reads teacher features" in capsys.readouterr().err
+
+
+def test_crop_cache_on_a_streamed_folder_serves_the_crops_its_workers_cut(packed_shards, tmp_path: Path) -> None:
+    from kdistill.data import BatchAugment, StreamingFolder, make_loader
+    from kdistill.data.streaming import scan_folder
+    from kdistill.engine.crop_cache import CachedCropTeachers, build_crop_cache
+    from kdistill.methods.base import Batch
+
+    folder, _ = packed_shards
+    distiller = _distiller()
+    norm = BatchAugment([0.5] * 3, [0.25] * 3, padding=0, flip=False)
+    train = StreamingFolder(scan_folder(folder / "train", cache_dir=str(tmp_path)), build_transform("imagenet", 16),
+                            True, seed=3, decoder="simplejpeg")
+    cache = build_crop_cache(distiller, train, norm, tmp_path / "c", views=2, topk=3, storage="fp32", seed=1)
+    train.views = cache.crop_views()
+    source, seen = CachedCropTeachers(cache), []
+    for epoch in (0, 1):
+        loader = make_loader(train, 16, True, seed=3, num_workers=1)
+        loader.epoch_batches.set_epoch(epoch)
+        for images, targets, index, crops in loader:
+            x = norm.normalize(images)
+            _, (cached,) = source(Batch(x, targets, index, crops=crops), [0])
+            live = distiller.teacher_forward(0, x).logits
+            top = live.topk(3, dim=1)
+            torch.testing.assert_close(cached.logits.gather(1, top.indices), top.values, rtol=1e-5, atol=1e-5)
+            seen += [(epoch, i, int(cache.view_for(index, crops)[k])) for k, i in enumerate(index.tolist())]
+    assert sorted(i for e, i, _ in seen if e == 0) == list(range(TRAIN))
+    views = {v for _, _, v in seen}
+    assert views == {0, 1}  # both stored crops are used, drawn per sample and epoch

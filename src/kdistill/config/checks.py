@@ -70,8 +70,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"trainer.checkpoint_every_n_steps must be >= 1, got {cfg.trainer.checkpoint_every_n_steps}")
     if cfg.data.memory_budget_gb is not None and cfg.data.memory_budget_gb < 0:
         raise ConfigError(f"data.memory_budget_gb must be >= 0, got {cfg.data.memory_budget_gb}")
-    if cfg.data.transform == "imagenet" and (cfg.data.name != "imagefolder" or cfg.data.image_size is None):
-        raise ConfigError("data.transform=imagenet needs data.name=imagefolder and data.image_size (the crop side, "
+    if cfg.data.transform == "imagenet" and (cfg.data.name not in ("imagefolder", "shards") or cfg.data.image_size is None):
+        raise ConfigError("data.transform=imagenet needs data.name=imagefolder or shards and data.image_size (the crop side, "
                           f"e.g. 224); got data.name={cfg.data.name}, data.image_size={cfg.data.image_size}")
     if cfg.optim.nesterov and cfg.optim.momentum == 0:
         raise ConfigError("optim.nesterov=true needs optim.momentum > 0")

@@ -27,7 +27,7 @@ from kdistill.data.transforms import TRANSFORMS, ImageTransform, build_transform
 from kdistill.utils import ConfigError, unknown_name_error
 
 log = logging.getLogger(__name__)
-DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder")
+DATASETS = ("synthetic", "cifar10", "cifar100", "imagefolder", "shards")
 IN_MEMORY = ("auto", "true", "false")
 # the decoded splits may take this share of the memory available when the data is loaded (data.memory_budget_gb
 # overrides it): the rest stays for the models, the optimizer, the DataLoader workers and the page cache
@@ -138,6 +138,17 @@ def _image_folder(base: Path, image_size: int | None, transform: str, in_memory:
     return tr.tensors, va.tensors, tr.classes, skipped, tf, storage
 
 
+def _shards(root: str, image_size: int | None, transform: str, decoder: str, cache_dir: str | None, seed: int):
+    """Train and val splits of packed shards (``kdistill pack``), streamed."""
+    try:
+        from kdistill.data.shards import open_shards
+    except ImportError as exc:
+        raise ConfigError("data.name=shards needs LitData: pip install 'kdistill[shards]' (or pip install litdata)") from exc
+    tf = build_transform(transform, image_size)
+    train, val, classes = open_shards(root, tf, seed, decoder, cache_dir)
+    return train, val, classes, tf, {"in_memory": False, "shards": root, "transform": tf.describe()}
+
+
 def build_data(
     name: str,
     root: str | None = None,
@@ -165,8 +176,8 @@ def build_data(
         raise unknown_name_error("data set", name, DATASETS)
     if transform not in TRANSFORMS:
         raise unknown_name_error("value for data.transform", transform, TRANSFORMS)
-    if transform != "cifar" and name != "imagefolder":
-        raise ConfigError(f"data.transform={transform} needs data.name=imagefolder (images of their own sizes); "
+    if transform != "cifar" and name not in ("imagefolder", "shards"):
+        raise ConfigError(f"data.transform={transform} needs data.name=imagefolder or shards (images of their own sizes); "
                           f"{name} is held as fixed-size tensors: use data.transform=cifar")
     skipped = 0
     tf: ImageTransform | None = None
@@ -181,6 +192,10 @@ def build_data(
             raise ConfigError(f"data.root is required for {name} (torchvision's CIFAR folder)")
         tr = load_cifar(name, root, True, download)
         train, val, classes = tr.tensors, load_cifar(name, root, False, download).tensors, tr.classes
+    elif name == "shards":
+        if root is None:
+            raise ConfigError("data.root is required for shards (a folder or object-storage URL made by kdistill pack)")
+        train, val, classes, tf, storage = _shards(root, image_size, transform, decoder, cache_dir, seed)
     else:
         if root is None:
             raise ConfigError("data.root is required for imagefolder (a folder with train/ and val/ or test/)")
@@ -196,6 +211,10 @@ def build_data(
             mean, std = (list(v) for v in KNOWN_STATS[name])
         elif isinstance(train, ImageTensors):
             mean, std = train.channel_stats()
+        elif getattr(train, "is_shards", False):
+            from kdistill.data.shards import shard_stats
+
+            mean, std = shard_stats(train, STATS_SAMPLE, seed)
         else:
             mean, std = estimate_stats(train, seed=seed)
             log.info("channel statistics estimated from %d images: mean %s std %s", min(STATS_SAMPLE, len(train)),
@@ -219,10 +238,18 @@ def make_loader(
     loader_class: type[torch.utils.data.DataLoader] = torch.utils.data.DataLoader,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader yielding ``(uint8 images, targets, indices)``: one index operation per batch for in-memory
-    tensors, per-sample decoding in ``num_workers`` processes (resumable mid-epoch) for image folders."""
+    tensors, per-sample decoding in ``num_workers`` processes (resumable mid-epoch) for image folders and shards.
+    A training split that cuts the stored crops of a teacher cache (``views``) also yields each batch's crops.
+    ``loader_class`` is the DataLoader class of in-memory tensors (a resumable one for training)."""
     if isinstance(data, ImageTensors):
         return make_tensor_loader(data, batch_size, train, seed, rank, world_size, num_workers, loader_class)
-    return StreamingLoader(data, batch_size, train, seed, rank, world_size, num_workers, progress=progress)
+    if getattr(data, "is_shards", False):  # LitData shards: LitData splits them by rank and worker
+        from kdistill.data.shards import make_shard_loader
+
+        return make_shard_loader(data, batch_size, rank, world_size, num_workers, progress if train else None,
+                                 with_params=train and data.views is not None)
+    return StreamingLoader(data, batch_size, train, seed, rank, world_size, num_workers, progress=progress,
+                           with_params=train and data.views is not None)
 
 
 __all__ = [

@@ -63,7 +63,7 @@ def _pack_item(item: tuple[int, str, int]) -> dict[str, Any]:
 def _write_meta(out: str, meta: dict[str, Any], storage_options: dict[str, Any] | None) -> None:
     text = json.dumps(meta, indent=2)
     if not is_url(out):
-        atomic_write_text(Path(out) / META, text)
+        atomic_write_text(Path(out) / META, text, "shard metadata")
         return
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / META
@@ -268,6 +268,9 @@ def open_shards(
     storage_options: dict[str, Any] | None = None,
 ) -> tuple[ShardDataset, ShardDataset, list[str]]:
     """The train split and the val (or test) split of the shards at ``root``, and the class names."""
+    if decoder == "gpu":
+        raise ConfigError("data.decoder=gpu decodes batches of image files in the main process; shards decode in the "
+                          "DataLoader workers: use data.decoder=auto, simplejpeg, pil or torchvision")
     meta = read_meta(root, storage_options)
     evaluation = next((s for s in ("val", "test") if s in meta["splits"]), None)
     if "train" not in meta["splits"] or evaluation is None:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kdistill.data.crops import FixedCrop
 from kdistill.data.decode import decode_batch, decode_sample, decode_threads, gpu_device, resolve_decoder
 from kdistill.data.folders import _list_split, default_cache_dir
 from kdistill.data.image_modes import to_rgb
@@ -147,6 +148,8 @@ class StreamingFolder(torch.utils.data.Dataset):
         # one fixed-width byte array, not a list of str: forked workers that read a list touch each item's
         # reference count and so copy its memory page by page (per worker, for millions of paths)
         self.paths = np.array([p.encode() for p in files.paths]) if len(files) else np.array([], dtype="S1")
+        # with a teacher cache of stored crops: (index, epoch) -> the stored crop to cut (kdistill.engine.crop_cache)
+        self.views: Callable[[int, int], Tensor] | None = None
 
     def __len__(self) -> int:
         return len(self.files)
@@ -168,11 +171,14 @@ class StreamingFolder(torch.utils.data.Dataset):
         With the ``gpu`` decoder: the file's bytes (a 1-D uint8 tensor), decoded later by the loader."""
         with open(self.paths[index].decode(), "rb") as f:
             data = f.read()
+        transform: Any = self.transform
+        if self.train and self.views is not None:
+            transform = FixedCrop(self.transform, self.views(index, epoch))
         if self.decoder == "gpu":
             w, h = (int(v) for v in self.files.sizes[index])
-            params = self.transform.params(w, h, self.train, self._rng(index, epoch))
+            params = transform.params(w, h, self.train, self._rng(index, epoch))
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), params
-        return decode_sample(data, self.transform, self.train, self._rng(index, epoch), self.decoder, self.reduce)
+        return decode_sample(data, transform, self.train, self._rng(index, epoch), self.decoder, self.reduce)
 
     def __getitem__(self, key: tuple[int, int] | int) -> tuple[Tensor, int, int, Tensor] | None:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
@@ -229,7 +235,10 @@ class MemoryFolder(StreamingFolder):
 
     def load(self, index: int, epoch: int = 0) -> tuple[Tensor, Tensor]:
         w, h = (int(v) for v in self.files.sizes[index])
-        params = self.transform.params(w, h, self.train, self._rng(index, epoch))
+        if self.train and self.views is not None:
+            params = self.views(index, epoch)
+        else:
+            params = self.transform.params(w, h, self.train, self._rng(index, epoch))
         return self.transform.apply(self.image(index).numpy(), params), params
 
 

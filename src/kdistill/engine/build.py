@@ -11,6 +11,7 @@ from torch import nn
 from kdistill.checkpoint import load_pretrained, load_weights
 from kdistill.config import Config, ModelConfig
 from kdistill.data import BatchAugment, DataBundle, ImageTensors, build_data
+from kdistill.engine.crop_cache import CropCache, is_crop_cache, load_crop_cache
 from kdistill.engine.teacher_cache import TeacherCache, load_teacher_cache
 from kdistill.methods import RunFacts, build_method, parse_method_options
 from kdistill.models import create_model
@@ -27,7 +28,7 @@ class Built:
     data: DataBundle
     distiller: Distiller
     augment: BatchAugment
-    teacher_cache: TeacherCache | None = None
+    teacher_cache: TeacherCache | CropCache | None = None
     method_options: dict = field(default_factory=dict)  # as the method runs them (defaults filled in)
     option_notes: list[str] = field(default_factory=list)  # defaults adapted to this run, and why
 
@@ -148,8 +149,23 @@ def build_run(cfg: Config, data: DataBundle | None = None) -> Built:
     on_device = cfg.data.augment and data.batch_augment
     augment = BatchAugment(data.mean, data.std, padding=4 if on_device else 0, flip=on_device)
     distiller.configure_teachers(cfg.teacher.precision, cfg.teacher.channels_last)
-    if cfg.teacher.cache and not isinstance(data.train, ImageTensors):
-        raise ConfigError("teacher.cache needs the training split in memory as fixed-size images (data.transform=cifar "
-                          "and data.in_memory=true or auto); this run streams it or crops per sample")
-    cache = load_teacher_cache(cfg.teacher.cache, distiller, data.train, augment) if cfg.teacher.cache else None
-    return Built(data, distiller, augment, cache, options.to_dict(), notes)
+    return Built(data, distiller, augment, load_cache(cfg, distiller, data, augment), options.to_dict(), notes)
+
+
+def load_cache(cfg: Config, distiller: Distiller, data: DataBundle, augment: BatchAugment) -> TeacherCache | CropCache | None:
+    """The run's teacher cache (``teacher.cache``): stored views of in-memory images, or stored random resized crops
+    of images cut per sample, which the training split is then set to cut."""
+    if not cfg.teacher.cache:
+        return None
+    if is_crop_cache(cfg.teacher.cache):
+        if isinstance(data.train, ImageTensors):
+            raise ConfigError(f"teacher.cache={cfg.teacher.cache!r} stores random resized crops; this run holds "
+                              "fixed-size images in memory (data.transform=cifar): build a view cache for it instead")
+        cache = load_crop_cache(cfg.teacher.cache, distiller, data.train, augment)
+        data.train.views = cache.crop_views()
+        return cache
+    if not isinstance(data.train, ImageTensors):
+        raise ConfigError("teacher.cache holds views of fixed-size in-memory images (data.transform=cifar, "
+                          "data.in_memory=true or auto); this run cuts crops per sample: build its cache with "
+                          "kdistill cache-teacher on this recipe (random resized crops)")
+    return load_teacher_cache(cfg.teacher.cache, distiller, data.train, augment)

@@ -308,8 +308,8 @@ def build_crop_cache(
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).unlink(missing_ok=True)  # an interrupted rebuild must not look complete
-    atomic_write(folder / "tensors.safetensors", lambda tmp: save_file(tensors, str(tmp)))
-    atomic_write_json(folder / MANIFEST, manifest)
+    atomic_write(folder / "tensors.safetensors", lambda tmp: save_file(tensors, str(tmp)), "teacher cache")
+    atomic_write_json(folder / MANIFEST, manifest, "teacher cache manifest")
     return CropCache(manifest, params, stored["values"], stored["classes"], stored["fill"])
 
 

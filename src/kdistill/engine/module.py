@@ -22,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from kdistill.config import Config
 from kdistill.data import BatchAugment
 from kdistill.engine.allocator import keep_freed_memory
+from kdistill.engine.crop_cache import CachedCropTeachers, CropCache
 from kdistill.engine.nonfinite import diagnose
 from kdistill.engine.schedule import lr_factor
 from kdistill.engine.teacher_cache import CachedTeachers, TeacherCache
@@ -95,7 +96,7 @@ class DistillModule(L.LightningModule):
         distiller: Distiller,
         augment: BatchAugment,
         num_classes: int,
-        teacher_cache: TeacherCache | None = None,
+        teacher_cache: TeacherCache | CropCache | None = None,
     ):
         super().__init__()
         self.cfg = cfg
@@ -103,7 +104,11 @@ class DistillModule(L.LightningModule):
         self.augment = augment
         self.teacher_cache = teacher_cache  # cached teacher logits of K views per image
         # where the training step's teacher outputs come from: the cache, or (None) the live pass
-        self.teacher_source = CachedTeachers(teacher_cache, augment) if teacher_cache is not None else None
+        self.teacher_source: CachedTeachers | CachedCropTeachers | None = None
+        if isinstance(teacher_cache, CropCache):  # the batches are the stored crops, cut by the workers
+            self.teacher_source = CachedCropTeachers(teacher_cache)
+        elif teacher_cache is not None:
+            self.teacher_source = CachedTeachers(teacher_cache, augment)
         self.num_classes = num_classes
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
@@ -162,10 +167,11 @@ class DistillModule(L.LightningModule):
         return self.distiller.student(images)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Batch:
-        images, targets, index = batch
-        if self.teacher_cache is not None and self.training:
+        images, targets, index, *crops = batch  # crops: cut per sample from a crop cache's stored views
+        if isinstance(self.teacher_cache, TeacherCache) and self.training:
             return Batch(images, targets, index)  # uint8: training_step augments with the drawn cached views
-        return Batch(self.augment(images, train=self.training and self.cfg.data.augment), targets, index)
+        return Batch(self.augment(images, train=self.training and self.cfg.data.augment), targets, index,
+                     crops[0] if crops else None)
 
     def on_fit_start(self) -> None:
         if self.device.type == "cpu":
