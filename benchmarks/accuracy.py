@@ -47,6 +47,14 @@ ROWS: dict[str, list[str]] = {
     "vid": ["method.name=vid"],
     "hkd": ["method.name=hkd"],
 }
+# Execution modes (``<method>@<mode>`` rows): the same run with the step compiled and/or in bf16
+# mixed precision; ``eager`` reruns the plain row under its own name (on the current machine).
+MODES: dict[str, list[str]] = {
+    "eager": [],
+    "compiled": ["trainer.compile=true"],
+    "bf16": ["trainer.precision=bf16-mixed"],
+    "compiled+bf16": ["trainer.compile=true", "trainer.precision=bf16-mixed"],
+}
 DEFAULT_ORDER = ["ce", "kd", "reviewkd", "dkd", "crd", "fitnet", "at", "sp", "pkt", "rkd", "nst", "vid", "crd_kd", "hkd"]
 ROWS["crd_kd"] = ["method.name=crd_kd"]
 
@@ -65,7 +73,7 @@ NOTES: dict[str, str] = {
     ),
     "fitnet": (
         "**FitNet is the best row here**, while at 240 epochs on full CIFAR-100 it barely beats the student alone "
-        "(69.21 vs 69.06 in the CRD paper's table, docs/methods/fitnet.md). This budget is a low-data regime (50 images per class; the teacher saw "
+        "(69.21 vs 69.06, Tian et al., ICLR 2020, Table 1). This budget is a low-data regime (50 images per class; the teacher saw "
         "500): a dense per-position target for the student's middle stage, from features learned on ten times more "
         "images, is plausibly worth more here than with the full data. One seed; the ranking between FitNet, NST, "
         "DKD and ReviewKD at this budget is not established beyond it."
@@ -75,7 +83,7 @@ NOTES: dict[str, str] = {
         "embeddings; 2.10 in epoch 1, 1.17 in epoch 10) is as large as the cross-entropy and pulls the student toward "
         "the teacher's sample geometry before it can classify: the run's train cross-entropy is 4.54 in epoch 4 and "
         "4.08 in epoch 10, against 4.17 and 3.58 for the student alone (means of the logged steps). At 240 epochs the published gain is small "
-        "(+0.55 points for resnet56 → resnet20 in the CRD paper's table, docs/methods/rkd.md) and negative for resnet32x4 → resnet8x4 (71.90 vs "
+        "(+0.55 points for resnet56 → resnet20, Tian et al., ICLR 2020, Table 1) and negative for resnet32x4 → resnet8x4 (71.90 vs "
         "72.50), so a short budget that leaves the cross-entropy behind shows RKD at its worst."
     ),
     "crd": (
@@ -135,10 +143,18 @@ def run_kdistill(argv: list[str], out: Path, threads: int, label: str) -> tuple[
     return json.loads((out / "metrics.json").read_text()), time.perf_counter() - start, commit
 
 
+def row_overrides(row: str) -> list[str]:
+    """The overrides of a row name: ``<method>`` or ``<method>@<mode>`` (``MODES``)."""
+    method, _, mode = row.partition("@")
+    if method not in ROWS or (mode and mode not in MODES):
+        sys.exit(f"unknown row {row!r}; rows: {', '.join(ROWS)}, each optionally @{'|@'.join(MODES)}")
+    return [*ROWS[method], *MODES.get(mode, [])]
+
+
 def run_row(method: str, seed: int, args: argparse.Namespace, data_root: Path) -> dict:
     out = Path(args.runs) / f"{method}-seed{seed}"
     command = "train" if method == "ce" else "distill"
-    argv = [command, *common_overrides(args, data_root), *ROWS[method], f"data.seed={seed}", f"seed={seed}",
+    argv = [command, *common_overrides(args, data_root), *row_overrides(method), f"data.seed={seed}", f"seed={seed}",
             f"output={out}"]
     if method == "ce":
         argv = [a for a in argv if not a.startswith("teacher.")]
@@ -235,6 +251,7 @@ def write_table(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
         mem = max(r.get("peak_memory_mb", float("nan")) for r in rs)
         lines.append(f"| {method} | {len(rs)} | {fmt(last)} | {fmt(best)} | {delta} | {ips:.0f} | "
                      f"{1000 * 64 / ips:.0f} | {mem:.0f} |")
+    lines += modes_section(by_method)
     notes = [NOTES[m] for m in DEFAULT_ORDER if m in by_method and m in NOTES]
     inflated = [m for m, rs in by_method.items() if max(r.get("peak_memory_mb", 0) for r in rs) > 2900]
     if inflated:
@@ -253,6 +270,38 @@ def write_table(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
         lines.append(f"- {r['method']} seed {r['seed']} ({r['wall_seconds'] / 60:.1f} min, OMP_NUM_THREADS={threads}): "
                      f"`{r['command']}`")
     path.write_text("\n".join(lines) + "\n")
+
+
+def modes_section(by_method: dict[str, list[dict]]) -> list[str]:
+    """Rows run in another execution mode next to the same method's eager rows (same seeds, same budget)."""
+    methods = sorted({m.partition("@")[0] for m in by_method if "@" in m})
+    if not methods:
+        return []
+    lines = ["", "## Execution modes: compiled and/or bf16 mixed-precision steps against eager", "",
+             "Same seed, budget and command as the method's row, plus the mode's overrides (see Commands). "
+             "`eager (rerun)` is the plain row rerun on the machine and commit of the mode rows (the plain row may "
+             "come from an earlier machine or commit). Train images/s were measured on a shared machine: compare them "
+             "within a method only.", "",
+             "| method | mode | seeds | top-1 last (%) | top-1 best (%) | Δ last vs the row | Δ last vs eager (rerun) | train images/s |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def mean(rs: list[dict], key: str) -> float:
+        return sum(r[key] for r in rs) / len(rs)
+
+    for method in methods:
+        plain, rerun = by_method.get(method), by_method.get(f"{method}@eager")
+        names = [method] + sorted(m for m in by_method if m.startswith(f"{method}@"))
+        names.sort(key=lambda n: (n != method, n != f"{method}@eager", n))
+        for name in names:
+            rs = by_method[name]
+            last = mean(rs, "top1_last")
+            vs_plain = f"{last - mean(plain, 'top1_last'):+.2f}" if plain and name != method else "—"
+            vs_rerun = f"{last - mean(rerun, 'top1_last'):+.2f}" if rerun and "@" in name and rs is not rerun else "—"
+            mode = name.partition("@")[2] or "eager (the row above)"
+            mode = "eager (rerun)" if mode == "eager" else mode
+            lines.append(f"| {method} | {mode} | {len(rs)} | {last:.2f} | {mean(rs, 'top1_best'):.2f} | {vs_plain} | "
+                         f"{vs_rerun} | {mean(rs, 'train_images_per_s'):.0f} |")
+    return lines
 
 
 def main() -> None:
@@ -276,8 +325,7 @@ def main() -> None:
     done = {(r["method"], r["seed"]) for r in rows}
     budget = {"per_class": args.per_class, "epochs": args.epochs}
     for method in args.methods.split(","):
-        if method not in ROWS:
-            sys.exit(f"unknown method row {method!r}; rows: {', '.join(ROWS)}")
+        row_overrides(method)  # exits on an unknown row
         for seed in [int(s) for s in args.seeds.split(",")]:
             if (method, seed) in done:
                 continue

@@ -24,6 +24,11 @@ Each row is cached in ``<out>.json`` (resumable); ``<out>.md`` is rewritten afte
 
     python benchmarks/speed.py                                  # everything (about an hour on a quiet 2-core CPU)
     python benchmarks/speed.py --pairs resnet56-resnet20 --methods kd,dkd --steps 10
+
+``--modes`` compares execution modes instead (eager, ``torch.compile``, bf16 mixed precision,
+channels-last; ``speed_modes.py``) and writes ``speed-modes-cpu.md``:
+
+    python benchmarks/speed.py --modes eager,eager+bf16,compiled,compiled+bf16 --methods kd,dkd,reviewkd,crd,meal_v2 --cache-check kd
 """
 
 from __future__ import annotations
@@ -60,6 +65,11 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="ignore cached rows")
     parser.add_argument("--allocator", choices=["keep", "default"], default="keep",
                         help="keep: glibc keeps freed memory between steps, as the engine sets on CPU (default)")
+    parser.add_argument("--modes", help="compare these execution modes per method (speed_modes.py), e.g. "
+                        "eager,eager+bf16,compiled,compiled+bf16,compiled+bf16+cl")
+    parser.add_argument("--cache-check", default="", help="with --modes: methods whose compile is repeated in a second "
+                        "process with the same Inductor cache (what a resumed run pays)")
+    parser.add_argument("--compile-cache", help=argparse.SUPPRESS)
     parser.add_argument("--row", nargs=2, metavar=("PAIR", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     import torch
@@ -71,12 +81,19 @@ def main() -> None:
 
             keep_freed_memory()  # as the engine does on CPU
         pair, method = args.row
-        if method in ("teacher", "epoch"):
+        if method.endswith("@modes"):
+            from speed_modes import measure_modes
+
+            name = method.split("@")[0]
+            result = measure_modes(pair, name, args)
+        elif method in ("teacher", "epoch"):
             result = (measure_teacher if method == "teacher" else measure_epoch)(pair, args)
         else:
             result = measure_method(pair, method, args)
         print("ROW " + json.dumps(result))
         return
+    if args.modes and args.out == str(RESULTS / "speed-cpu"):
+        args.out = str(RESULTS / "speed-modes-cpu")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     store = out.with_suffix(".json")
@@ -86,28 +103,43 @@ def main() -> None:
                    "--agreement-images", str(args.agreement_images), "--batch", str(args.batch),
                    "--epoch-batches", str(args.epoch_batches), "--epoch-repeats", str(args.epoch_repeats),
                    "--threads", str(args.threads), "--device", args.device, "--tmp", args.tmp,
-                   "--allocator", args.allocator]
+                   "--allocator", args.allocator, *(["--modes", args.modes] if args.modes else [])]
     meta = {"machine": machine_line(), "command": "python benchmarks/speed.py " + shlex.join(sys.argv[1:]),
             "batch": args.batch, "threads": args.threads, "device": args.device, "steps": args.steps, "warmup": args.warmup,
             "allocator": args.allocator}
     earlier = old.get("meta", {}).get("commands", [old["meta"]["command"]] if "meta" in old else [])
     meta["commands"] = [*earlier, meta["command"]]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT / "src")}
+    report = write_report
+    if args.modes:
+        from speed_modes import measure_cache, write_modes_report
+
+        report = write_modes_report
     for pair in args.pairs.split(","):
-        for method in args.methods.split(","):
+        methods = args.methods.split(",")
+        if args.modes:
+            methods = [f"{m}@modes" for m in methods] + [f"{m}@compile-cache" for m in args.cache_check.split(",") if m]
+        for method in methods:
             key = row_key(pair, method)
             if key in rows and "error" not in rows[key]:
                 continue
             print(f"[speed] {key} (load {os.getloadavg()[0]:.1f})", flush=True)
+            if method.endswith("@compile-cache"):
+                try:
+                    rows[key] = measure_cache(pair, method.split("@")[0], args, __file__, env)
+                except RuntimeError as err:
+                    rows[key] = {"pair": pair, "method": method, "error": str(err)}
+                store.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+                report(out.with_suffix(".md"), rows, meta)
+                continue
             proc = subprocess.run([sys.executable, __file__, "--row", pair, method, *passthrough],
                                   capture_output=True, text=True, env=env)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")), None)
             rows[key] = json.loads(line[4:]) if line else {"pair": pair, "method": method, "error": proc.stderr.strip()[-800:]}
             store.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-            write_report(out.with_suffix(".md"), rows, meta)
-    write_report(out.with_suffix(".md"), rows, meta)
+            report(out.with_suffix(".md"), rows, meta)
+    report(out.with_suffix(".md"), rows, meta)
     print(out.with_suffix(".md").read_text())
-
 
 
 def _cuda() -> bool:

@@ -95,7 +95,7 @@ def test_every_schema_key_has_a_rule() -> None:
     assert {k for k, r in RULES.items() if r is free} == {
         "description", "published", "data.download", "data.augment", "student.kwargs", "teachers.*.kwargs",
         "teacher.channels_last", "teacher.allow_untrained", "teacher.evaluate", "method.options", "optim.nesterov",
-        "trainer.compile", "trainer.progress_bar"}
+        "trainer.compile", "trainer.channels_last", "trainer.progress_bar"}
 
 
 def test_base_config_is_valid() -> None:

@@ -72,7 +72,7 @@ def test_teacher_bf16_autocast_path_and_agreement() -> None:
     agreement = (low.argmax(1) == ref.argmax(1)).float().mean()
     assert agreement >= 0.9, f"bf16 top-1 agreement {agreement:.2f}"
     assert (low - ref).abs().max() < 0.1 * ref.std()
-    with pytest.raises(kdistill.utils.ConfigError, match="'32' or 'bf16'"):
+    with pytest.raises(kdistill.utils.ConfigError, match="'32', 'bf16' or '16'"):
         d.configure_teachers("fp8")
 
 

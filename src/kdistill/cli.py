@@ -295,6 +295,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kdistill.engine.signals import RunInterrupted, resume_hint
 
     try:
+        if args.command in ("train", "distill", "eval", "export"):
+            from kdistill.detection import cli as detection_cli
+
+            if detection_cli.handles(args):  # task=detection recipes and detection runs
+                return detection_cli.run(args)
         if args.command in ("train", "distill"):
             return cmd_fit(args, args.command)
         commands = {"eval": cmd_eval, "export": cmd_export, "recipes": cmd_recipes, "demo": cmd_demo,

@@ -182,7 +182,7 @@ RULES: dict[str, Rule] = {
     "data.memory_budget_gb": number(0, 1_000_000),
     **{f"student.{k}": rule for k, rule in MODEL_RULES.items()},
     **{f"teachers.*.{k}": rule for k, rule in MODEL_RULES.items()},
-    "teacher.precision": choices("32", "bf16"),
+    "teacher.precision": choices("auto", "32", "bf16", "16"),
     "teacher.channels_last": free,
     "teacher.allow_untrained": free,
     "teacher.evaluate": free,
@@ -210,6 +210,8 @@ RULES: dict[str, Rule] = {
     "trainer.check_val_every_n_epoch": integer(1, 1_000_000),
     "trainer.gradient_clip_val": number(0),
     "trainer.compile": free,
+    "trainer.compile_mode": choices("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    "trainer.channels_last": free,
     "trainer.progress_bar": free,
     "trainer.checkpoint_every_n_steps": integer(1, 100_000_000),
 }

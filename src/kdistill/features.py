@@ -109,18 +109,89 @@ class FeatureRecorder:
     @property
     def features(self) -> dict[str, Tensor]:
         """The recorded features of the latest forward pass, keyed as given."""
-        out: dict[str, Tensor] = {}
+        return _assemble(self.specs, self._captures)
+
+
+def _assemble(specs: Mapping[str, TapSpec], captures: Mapping[tuple[str, bool], Tensor]) -> dict[str, Tensor]:
+    """Each tap's feature from the captured module outputs/inputs: the sum of its parts, then its ops."""
+    out: dict[str, Tensor] = {}
+    for key, spec in specs.items():
+        missing = [p.module for p in spec.parts if (p.module, p.use_input) not in captures]
+        if missing:
+            raise RuntimeError(f"tap {key!r}: modules {missing} did not run in the last forward pass")
+        value = captures[(spec.parts[0].module, spec.parts[0].use_input)]
+        for part in spec.parts[1:]:
+            value = value + captures[(part.module, part.use_input)]
+        for op in spec.ops:
+            value = _OPS[op](value)
+        out[key] = value
+    return out
+
+
+class RecordingPass:
+    """A network's forward that also returns its tapped features, with hooks registered once.
+
+    ``RecordingPass(model, taps)(x)`` returns ``(logits, features)`` with the features
+    ``FeatureRecorder`` records (same tap specs, captures cloned, ``detach`` for teachers). The hooks
+    stay on the model for the pass's lifetime but record only while the pass runs, so other calls of
+    the model (evaluation, export) are unaffected and keep nothing. Registered once, the hooks are
+    traced by ``torch.compile`` into the model's graph; hooks registered on every call (as
+    ``FeatureRecorder`` does) break the graph at each registration. Not an ``nn.Module``: it adds no
+    parameters or state-dict keys next to the model it wraps.
+    """
+
+    def __init__(self, model: nn.Module, taps: Mapping[str, str], detach: bool = False):
+        self.model = model
+        self.specs = {key: TapSpec.parse(spec) for key, spec in taps.items()}
+        self.detach = detach
+        self._recording = False
+        self._captures: dict[tuple[str, bool], Tensor] = {}
+        modules = dict(model.named_modules())
         for key, spec in self.specs.items():
-            missing = [p.module for p in spec.parts if (p.module, p.use_input) not in self._captures]
-            if missing:
-                raise RuntimeError(f"tap {key!r}: modules {missing} did not run in the last forward pass")
-            value = self._captures[(spec.parts[0].module, spec.parts[0].use_input)]
-            for part in spec.parts[1:]:
-                value = value + self._captures[(part.module, part.use_input)]
-            for op in spec.ops:
-                value = _OPS[op](value)
-            out[key] = value
-        return out
+            for part in spec.parts:
+                if part.module not in modules or not part.module:
+                    raise unknown_name_error(f"module for tap {key!r}", part.module, available_taps(model))
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        for name, use_input in sorted({(p.module, p.use_input) for spec in self.specs.values() for p in spec.parts}):
+            if use_input:  # a pre-hook: an in-place module would overwrite its input before a forward hook
+                handle = modules[name].register_forward_pre_hook(self._pre_hook(name))
+            else:
+                handle = modules[name].register_forward_hook(self._post_hook(name))
+            self._handles.append(handle)
+
+    def _pre_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[object, ...]) -> None:
+            self._store(name, True, args[0])
+        return hook
+
+    def _post_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[object, ...], out: object) -> None:
+            self._store(name, False, out)
+        return hook
+
+    def _store(self, name: str, use_input: bool, value: object) -> None:
+        if not self._recording:
+            return
+        if not isinstance(value, Tensor):
+            raise TypeError(f"tap {name!r}: module {'input' if use_input else 'output'} is not a tensor")
+        value = value.detach() if self.detach else value
+        self._captures[(name, use_input)] = value.clone()
+
+    def __call__(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        self._recording = True
+        try:
+            logits = self.model(x)
+        finally:
+            self._recording = False
+        features = _assemble(self.specs, self._captures)
+        self._captures = {}
+        return logits, features
+
+    def remove(self) -> None:
+        """Take the hooks off the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
 
 # --- stage presets ------------------------------------------------------------------------------

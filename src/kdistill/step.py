@@ -27,7 +27,7 @@ Lightning integration (``kdistill.engine.module``)::
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,9 @@ from torch import Tensor, nn
 from kdistill.features import FeatureRecorder, TappedModel
 from kdistill.methods.base import Batch, Method, ModelOutput, StepInfo
 from kdistill.utils import ConfigError
+
+if TYPE_CHECKING:
+    from kdistill.engine.compile import CompiledPasses
 
 
 class TeacherSource(Protocol):
@@ -115,18 +118,21 @@ class Distiller(nn.Module):
         ]
         self.teacher_precision = "32"
         self.teacher_channels_last = False
+        self.student_channels_last = False
+        self.compiled: CompiledPasses | None = None  # set by kdistill.engine.compile.compile_distiller
 
     def configure_teachers(self, precision: str = "32", channels_last: bool = False) -> None:
-        """How the teacher pass runs: ``precision`` ``"32"`` or ``"bf16"`` (autocast around the teachers
-        alone; outputs are returned as float32), and the channels-last memory format (docs/speed.md).
+        """How the teacher pass runs: ``precision`` ``"32"``, ``"bf16"`` or ``"16"`` (autocast to bfloat16
+        or float16 around the teachers; outputs are returned as float32), and the channels-last memory
+        format (docs/speed.md).
 
-        Under ``bf16`` the teacher's classifier (its last ``nn.Linear``) runs in float32 on the
+        Under reduced precision the teacher's classifier (its last ``nn.Linear``) runs in float32 on the
         float32-cast pooled features: bf16 logits keep 8 mantissa bits (a step of 0.06 at a logit of
         10), which turns near-ties into flipped predictions, while the layer costs a negligible share
         of the pass. The convolutions, where the time is, stay in bf16.
         """
-        if precision not in ("32", "bf16"):
-            raise ConfigError(f"teacher precision must be '32' or 'bf16', got {precision!r}")
+        if precision not in ("32", "bf16", "16"):
+            raise ConfigError(f"teacher precision must be '32', 'bf16' or '16', got {precision!r}")
         self.teacher_precision = precision
         self.teacher_channels_last = bool(channels_last)
         for teacher in self.teachers:
@@ -134,10 +140,19 @@ class Distiller(nn.Module):
             head = classifier_head(teacher)
             if head is None:
                 continue
-            if precision == "bf16":
+            if precision != "32":
                 head.forward = _fp32_linear_forward.__get__(head)  # instance attribute; state_dict unchanged
             elif "forward" in head.__dict__:
                 del head.forward
+
+    def configure_student(self, channels_last: bool = False) -> None:
+        """The student's and the method's modules' memory format (``trainer.channels_last``): channels-last
+        weights (every 4-D parameter, so also ReviewKD's ABF and FitNet's adapter convolutions) and
+        input; values equal the default format's within float rounding."""
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.student_channels_last = bool(channels_last)
+        self.student.to(memory_format=fmt)
+        self.method.to(memory_format=fmt)
 
     @property
     def needs_teacher_features(self) -> bool:
@@ -168,7 +183,10 @@ class Distiller(nn.Module):
         if self.teacher_channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         taps = self.teacher_taps[index]
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.teacher_precision == "bf16"):
+        dtype = torch.float16 if self.teacher_precision == "16" else torch.bfloat16
+        with torch.autocast(x.device.type, dtype=dtype, enabled=self.teacher_precision != "32"):
+            if self.compiled is not None:
+                return self.compiled.teacher(index, x)
             if not taps:
                 return ModelOutput(teacher(x))
             with FeatureRecorder(teacher, taps, detach=True) as rec:
@@ -177,6 +195,10 @@ class Distiller(nn.Module):
 
     def student_forward(self, images: Tensor) -> ModelOutput:
         """Student forward, recording the method's student features (with gradients)."""
+        if self.student_channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if self.compiled is not None:
+            return self.compiled.student(images)
         if not self.student_taps:
             return ModelOutput(self.student(images))
         with FeatureRecorder(self.student, self.student_taps) as rec:
@@ -215,11 +237,16 @@ class Distiller(nn.Module):
             own_losses = self.method.own_step_losses(batch, detached, teacher_outputs, info)
             if own_losses is not None:
                 own_step(own_losses)
-        losses = self.method(batch, student, teacher_outputs, info)
+        method = self.compiled.method if self.compiled is not None else self.method
+        losses = method(batch, student, teacher_outputs, info)
         return student.logits, losses
 
     def forward(self, images: Tensor) -> Tensor:
-        """Inference: the student alone."""
+        """Inference: the student alone (its compiled evaluation pass under ``trainer.compile``)."""
+        if self.student_channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if self.compiled is not None and not self.student.training:
+            return self.compiled.evaluate(images)
         return self.student(images)
 
 
@@ -245,9 +272,11 @@ class OwnOptimizerStep:
     separately (``separate_step``) or after the main backward (``after_main_backward``).
     """
 
-    def __init__(self, method: Method):
+    def __init__(self, method: Method, grad_scaler: torch.amp.GradScaler | None = None):
         self.method = method
         self.optimizer = method.configure_own_optimizer()
+        # float16 mixed precision: scales the separate step's loss so that small gradients survive
+        self.grad_scaler = grad_scaler if self.optimizer is not None else None
         self._stepped_separately = False
 
     def sync_lr(self, main_optimizer: torch.optim.Optimizer) -> None:
@@ -270,28 +299,52 @@ class OwnOptimizerStep:
         if self.optimizer is None:
             return
         self.optimizer.zero_grad(set_to_none=True)
-        sum_losses(losses).backward()
-        self.optimizer.step()
+        if self.grad_scaler is None:
+            sum_losses(losses).backward()
+            self.optimizer.step()
+        else:
+            self.grad_scaler.scale(sum_losses(losses)).backward()
+            self.grad_scaler.step(self.optimizer)  # unscales; skipped when a gradient is not finite
+            self.grad_scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self._stepped_separately = True
 
-    def after_main_backward(self) -> None:
-        """Joint step on the main loss's gradients unless this step already had a separate one."""
+    def after_main_backward(self, main_loss_scale: float | None = None) -> None:
+        """Joint step on the main loss's gradients unless this step already had a separate one.
+
+        ``main_loss_scale``: the factor the main loss was multiplied by before its backward (float16
+        loss scaling, which unscales only the main optimizer's gradients); the own gradients are
+        divided by it, and the step is skipped when one of them is not finite, as the main one is.
+        """
         if self.optimizer is None:
             return
         if not self._stepped_separately:
-            self.optimizer.step()
+            grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            finite = True
+            if main_loss_scale is not None and main_loss_scale != 1.0 and grads:
+                torch._foreach_div_(grads, main_loss_scale)
+                finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+            if finite:
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._stepped_separately = False
 
     def state_dict(self) -> dict[str, Any]:
-        """The own optimizer's state (momentum buffers); checkpoint it next to the main optimizer's."""
-        return {} if self.optimizer is None else self.optimizer.state_dict()
+        """The own optimizer's state (momentum buffers) and, under float16, its loss scaler's; checkpoint
+        it next to the main optimizer's."""
+        if self.optimizer is None:
+            return {}
+        state = self.optimizer.state_dict()
+        return state if self.grad_scaler is None else {**state, "grad_scaler": self.grad_scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()``."""
         if self.optimizer is not None and state:
+            state = dict(state)
+            scaler = state.pop("grad_scaler", None)
             self.optimizer.load_state_dict(state)
+            if scaler is not None and self.grad_scaler is not None:
+                self.grad_scaler.load_state_dict(scaler)
 
 
 def train_step(

@@ -14,7 +14,8 @@ CHOICES = {
     "data.in_memory": ("auto", "true", "false"),
     "data.decoder": ("auto", "pil", "simplejpeg", "torchvision", "gpu"),
     "optim.schedule": ("multistep", "cosine", "constant"),
-    "teacher.precision": ("32", "bf16"),
+    "teacher.precision": ("auto", "32", "bf16", "16"),
+    "trainer.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "trainer.precision": ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true"),
 }
 
@@ -33,6 +34,7 @@ def validate(cfg: Config) -> None:
         "optim.schedule": cfg.optim.schedule,
         "teacher.precision": cfg.teacher.precision,
         "trainer.precision": cfg.trainer.precision,
+        "trainer.compile_mode": cfg.trainer.compile_mode,
     }
     for key, value in flat.items():
         if value not in CHOICES[key]:

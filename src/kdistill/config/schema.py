@@ -96,19 +96,22 @@ class TrainerConfig:
     limit_val_batches: float | None = None  # validate on the first batches only (prefer data.val_per_class)
     check_val_every_n_epoch: int = 1  # validate every n epochs
     gradient_clip_val: float | None = None  # clip the gradient norm to this value
-    compile: bool = False  # torch.compile the student and teachers
+    compile: bool = False  # torch.compile the student with its taps, the teachers and the method
+    compile_mode: str = "default"  # default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs
+    channels_last: bool = False  # channels-last memory format for student, method modules and teachers
     progress_bar: bool = True  # show Lightning's progress bar (the per-epoch line is printed either way)
     checkpoint_every_n_steps: int | None = None  # also write last.ckpt every N steps (resume mid-epoch)
 
 
 @dataclass
 class TeacherRunConfig:
-    """How teachers run: the precision of their inference pass (``32``, or ``bf16`` autocast), their
+    """How teachers run: the precision of their inference pass (``auto`` follows ``trainer.precision``;
+    ``32``, ``bf16`` or ``16`` autocast), their
     memory format, an optional teacher-output cache folder (``kdistill cache-teacher``), and whether a
     teacher without trained weights (no checkpoint, no pretrained file) is allowed (tests, smoke runs);
     ``evaluate``: measure each teacher's validation accuracy before distilling (cached per weights file)."""
 
-    precision: str = "32"  # teachers' inference precision: 32 or bf16 (autocast)
+    precision: str = "auto"  # teachers' inference precision: auto (follows trainer.precision), 32, bf16 or 16
     channels_last: bool = False  # run teachers in channels_last memory format
     cache: str | None = None  # folder of cached teacher outputs (`kdistill cache-teacher`)
     allow_untrained: bool = False  # allow a teacher without checkpoint or pretrained weights (tests, smoke runs)

@@ -12,6 +12,7 @@ from kdistill.checkpoint import load_pretrained, load_weights
 from kdistill.config import Config, ModelConfig
 from kdistill.data import BatchAugment, DataBundle, ImageTensors, build_data
 from kdistill.engine.crop_cache import CropCache, is_crop_cache, load_crop_cache
+from kdistill.engine.precision import MIXED_PRECISION, float32_classifier, resolve_teacher_precision
 from kdistill.engine.teacher_cache import TeacherCache, load_teacher_cache
 from kdistill.methods import RunFacts, build_method, parse_method_options
 from kdistill.models import create_model
@@ -149,7 +150,10 @@ def build_run(cfg: Config, data: DataBundle | None = None) -> Built:
     # per-sample transforms (imagenet) crop and flip while decoding; the device only normalises
     on_device = cfg.data.augment and data.batch_augment
     augment = BatchAugment(data.mean, data.std, padding=4 if on_device else 0, flip=on_device)
-    distiller.configure_teachers(cfg.teacher.precision, cfg.teacher.channels_last)
+    distiller.configure_teachers(resolve_teacher_precision(cfg.teacher.precision, cfg.trainer.precision, cfg.trainer.accelerator),
+                                 cfg.teacher.channels_last or cfg.trainer.channels_last)
+    distiller.configure_student(channels_last=cfg.trainer.channels_last)
+    float32_classifier(distiller.student, cfg.trainer.precision in MIXED_PRECISION)
     return Built(data, distiller, augment, load_cache(cfg, distiller, data, augment), options.to_dict(), notes)
 
 

@@ -176,7 +176,8 @@ class DistillModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.device.type == "cpu":
             keep_freed_memory()  # no page faults on re-allocating each step's activations (docs/speed.md)
-        self.own = OwnOptimizerStep(self.distiller.method)  # built on the training device
+        scaler = torch.amp.GradScaler(self.device.type) if self.trainer.precision == "16-mixed" else None
+        self.own = OwnOptimizerStep(self.distiller.method, scaler)  # built on the training device
         if self._own_state:
             self.own.load_state_dict(self._own_state)
         if _distributed() and not self._grad_hooks:
@@ -206,7 +207,10 @@ class DistillModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.own is not None:
-            self.own.after_main_backward()
+            # float16: the main loss was scaled before its backward; Lightning unscales the main
+            # optimizer's gradients only
+            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+            self.own.after_main_backward(float(scaler.get_scale()) if scaler is not None else None)
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         info = StepInfo(self.current_epoch, self.global_step, self.trainer.max_epochs or 1)
@@ -238,7 +242,7 @@ class DistillModule(L.LightningModule):
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         if self.cohort is not None:
             return self._cohort_validation_step(batch)
-        logits = self.distiller.student(batch.images)
+        logits = self.distiller(batch.images)  # the compiled evaluation pass under trainer.compile
         bs = len(batch.targets)
         self.val_top1(logits, batch.targets)
         self.val_top5(logits, batch.targets)

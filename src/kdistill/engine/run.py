@@ -23,6 +23,7 @@ from kdistill.config import Config, TrainerConfig
 from kdistill.data import DataBundle, ImageTensors, StreamingFolder, make_loader
 from kdistill.engine.build import Built, build_run, load_data
 from kdistill.engine.callbacks import AtomicCheckpointIO, EpochCheckpoint, History, Throughput
+from kdistill.engine.compile import compile_distiller, use_compile_cache
 from kdistill.engine.datamodule import TensorDataModule
 from kdistill.engine.module import DistillModule
 from kdistill.engine.resume import AppendingCSVLogger, RecordConfig, plan_resume
@@ -205,9 +206,8 @@ def _fit(cfg: Config, resume: bool, built: Built | None, out: Path, run: Any) ->
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     built = built or build_run(cfg)
     if cfg.trainer.compile:
-        built.distiller.student.compile()
-        for teacher in built.distiller.teachers:
-            teacher.compile()
+        use_compile_cache()
+        compile_distiller(built.distiller, cfg.trainer.compile_mode)
     module = DistillModule(cfg, built.distiller, built.augment, built.data.num_classes, built.teacher_cache)
     dm = TensorDataModule(built.data, cfg)
     speed = Throughput()

@@ -1,10 +1,44 @@
-"""Helpers shared by the feature losses: precision and spatial alignment."""
+"""Helpers shared by the losses: precision and spatial alignment."""
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+F_ = TypeVar("F_", bound=Callable[..., Any])
+
+
+def _device_type(values: Any) -> str:
+    for v in values:
+        if isinstance(v, Tensor):
+            return v.device.type
+        if isinstance(v, list | tuple):
+            found = _device_type(v)
+            if found:
+                return found
+    return ""
+
+
+def float32_loss(fn: F_) -> F_:
+    """Run a loss outside autocast: under mixed precision (``trainer.precision=bf16-mixed`` /
+    ``16-mixed``) its softmaxes at temperature, log-sum-exps, poolings, matrix products and
+    normalisations run in float32 on inputs that the loss upcasts itself (``upcast``), whatever
+    precision the networks and the method's modules ran in."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        device = _device_type((*args, *kwargs.values()))
+        if not device:
+            return fn(*args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def upcast(x: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdistill.losses._common import check_batch, pool_to_common_size, upcast
+from kdistill.losses._common import check_batch, float32_loss, pool_to_common_size, upcast
 
 
 def attention_map(feature: Tensor, p: float = 2) -> Tensor:
@@ -13,6 +13,7 @@ def attention_map(feature: Tensor, p: float = 2) -> Tensor:
     return F.normalize(feature.pow(p).mean(dim=1).flatten(1), dim=1)
 
 
+@float32_loss
 def at_loss(student_feature: Tensor, teacher_feature: Tensor, p: float = 2) -> Tensor:
     """mean_{b,k} (a(F_s) − a(F_t))²  for one stage (the benchmark's variant of AT paper eq. 2).
 

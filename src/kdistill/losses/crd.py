@@ -30,11 +30,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdistill.losses._common import float32_loss, upcast
 from kdistill.losses.memory import SAMPLING_MODES, ContrastSampler, MemoryBank, world_size
 
 __all__ = ["SAMPLING_MODES", "CRDLoss", "ContrastMemory", "Embed", "crd_nce_loss"]
 
 
+@float32_loss
 def crd_nce_loss(probs: Tensor, num_data: int, eps: float = 1e-7) -> Tensor:
     """NCE loss of the CRD code on normalised scores ``probs`` (B×(K+1), column 0 positive).
 
@@ -146,7 +148,9 @@ class Embed(nn.Module):
         self.linear = nn.Linear(in_dim, out_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(self.linear(torch.flatten(x, 1)), dim=1)
+        z = self.linear(torch.flatten(x, 1))
+        with torch.autocast(z.device.type, enabled=False):  # the normalisation in float32 under mixed precision
+            return F.normalize(upcast(z), dim=1)
 
 
 class CRDLoss(nn.Module):

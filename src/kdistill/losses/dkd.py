@@ -6,23 +6,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdistill.losses._common import upcast
+from kdistill.losses._common import float32_loss, upcast
 
 
 def _log_parts(logits: Tensor, target_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """log p_y, log(1 − p_y) and the non-target log-softmax (B×(C−1)) of ``logits`` (already /T).
+    """log p_y, log(1 − p_y) and the non-target log-softmax of ``logits`` (already /T).
 
-    Everything is a difference of log-sum-exps, so nothing underflows (the reference takes the log of
-    probabilities after masking the target logit with −1000).
+    The non-target log-softmax keeps the B×C layout with 0 at the target column (``nckd`` masks it
+    out): no boolean indexing, so the shapes never depend on the data and ``torch.compile`` traces
+    it as one graph. Everything is a difference of log-sum-exps, so nothing underflows (the
+    reference takes the log of probabilities after masking the target logit with −1000).
     """
-    batch, classes = logits.shape
-    target_logit = logits[target_mask]
-    others = logits[~target_mask].view(batch, classes - 1)
     lse_all = torch.logsumexp(logits, dim=1)
-    lse_others = torch.logsumexp(others, dim=1)
-    return target_logit - lse_all, lse_others - lse_all, others - lse_others.unsqueeze(1)
+    target_logit = torch.where(target_mask, logits, 0.0).sum(dim=1)
+    lse_others = torch.logsumexp(logits.masked_fill(target_mask, float("-inf")), dim=1)
+    others = (logits - lse_others.unsqueeze(1)).masked_fill(target_mask, 0.0)
+    return target_logit - lse_all, lse_others - lse_all, others
 
 
+@float32_loss
 def dkd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -59,5 +61,5 @@ def dkd_loss(
     log_pt_y, log_pt_not, log_pt_hat = _log_parts(upcast(teacher_logits.detach()) / temperature, mask)
 
     tckd = log_pt_y.exp() * (log_pt_y - log_ps_y) + log_pt_not.exp() * (log_pt_not - log_ps_not)
-    nckd = (log_pt_hat.exp() * (log_pt_hat - log_ps_hat)).sum(dim=1)
+    nckd = (log_pt_hat.exp().masked_fill(mask, 0.0) * (log_pt_hat - log_ps_hat)).sum(dim=1)
     return temperature**2 * (alpha * tckd.mean() + beta * nckd.mean())

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdistill.losses._common import upcast
+from kdistill.losses._common import float32_loss, upcast
 
 
+@float32_loss
 def fitnet_loss(regressed_student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
     """MSE(r(F_s), F_t), the mean over all elements (FitNets eq. 3 up to the factor ½).
 

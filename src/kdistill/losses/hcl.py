@@ -19,6 +19,8 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdistill.losses._common import float32_loss
+
 SKIP_RULES = ("height", "min_hw")
 
 
@@ -36,6 +38,7 @@ def _stage_hcl(student: Tensor, teacher: Tensor, levels: Sequence[int], decay: f
     return loss / total
 
 
+@float32_loss
 def hcl_loss(
     student_features: Sequence[Tensor],
     teacher_features: Sequence[Tensor],

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdistill.losses._common import float32_loss
 
+
+@float32_loss
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0) -> Tensor:
     """T² · KL(softmax(z_t/T) ‖ softmax(z_s/T)), KL summed over classes, averaged over the batch.
 

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdistill.losses._common import float32_loss
+
 SIMILARITIES = ("soft_ce", "kl", "l1_prob", "l2_prob", "l1", "l2")
 SOFT_SIMILARITIES = ("soft_ce", "kl", "l1_prob", "l2_prob")
 
@@ -29,6 +31,7 @@ def meal_align(feature: Tensor, dim: int, pool: str = "avg") -> Tensor:
     return F.adaptive_max_pool1d(x, dim).amax(dim=1)
 
 
+@float32_loss
 def soft_cross_entropy(student_logits: Tensor, target_probs: Tensor, temperature: float = 1.0) -> Tensor:
     """``-1/B Σ_b Σ_i p_T[b,i] · log softmax(z_S/T)[b,i]`` (MEAL's ``ce`` similarity, MEAL V2's loss).
 
@@ -38,6 +41,7 @@ def soft_cross_entropy(student_logits: Tensor, target_probs: Tensor, temperature
     return -(target_probs.detach().float() * log_p_s).sum(dim=1).mean()
 
 
+@float32_loss
 def similarity_loss(student: Tensor, target: Tensor, kind: str = "soft_ce", temperature: float = 1.0) -> Tensor:
     """MEAL block similarity ``ℓ(v_S, target)``, ``student``/``target`` of shape ``B×d``.
 
@@ -75,6 +79,7 @@ def _labels(rows: Tensor, teacher: bool) -> Tensor:
     return labels
 
 
+@float32_loss
 def discriminator_loss(student_out: Tensor, teacher_out: Tensor) -> Tensor:
     """The discriminator loss ``L_D``: BCE-with-logits over the stacked ``[student rows; teacher rows]``.
 
@@ -88,6 +93,7 @@ def discriminator_loss(student_out: Tensor, teacher_out: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(out, labels)
 
 
+@float32_loss
 def fooling_loss(student_out: Tensor) -> Tensor:
     """Non-saturating generator term ``BCE(D(v_S), teacher label)`` (mode ``alternating``)."""
     return F.binary_cross_entropy_with_logits(student_out.float(), _labels(student_out, True).float())

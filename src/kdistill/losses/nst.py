@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdistill.losses._common import check_batch, pool_to_common_size, upcast
+from kdistill.losses._common import check_batch, float32_loss, pool_to_common_size, upcast
 
 
 def _mean_poly_kernel(a: Tensor, b: Tensor) -> Tensor:
@@ -13,6 +13,7 @@ def _mean_poly_kernel(a: Tensor, b: Tensor) -> Tensor:
     return (a @ b.transpose(1, 2)).pow(2).mean()
 
 
+@float32_loss
 def nst_loss(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
     """Squared MMD with the polynomial kernel k(x, y) = (x·y)² (NST paper eq. 6, d = 2, c = 0).
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kdistill.losses._common import check_batch, upcast
+from kdistill.losses._common import check_batch, float32_loss, upcast
 
 _EPS = 1e-7
 
@@ -19,6 +19,7 @@ def _conditional_probabilities(embedding: Tensor) -> Tensor:
     return sim / sim.sum(dim=1, keepdim=True)
 
 
+@float32_loss
 def pkt_loss(student_embedding: Tensor, teacher_embedding: Tensor) -> Tensor:
     """mean_{i,j} q^t_ij · log((q^t_ij + ε) / (q^s_ij + ε)), ε = 1e-7 (PKT paper eq. 10).
 

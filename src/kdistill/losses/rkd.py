@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdistill.losses._common import check_batch, upcast
+from kdistill.losses._common import check_batch, float32_loss, upcast
 
 _EPS = 1e-12
 
@@ -34,6 +34,7 @@ def _angle_potential(e: Tensor) -> Tensor:
     return torch.bmm(diff, diff.transpose(1, 2)).flatten()
 
 
+@float32_loss
 def rkd_loss(
     student_embedding: Tensor,
     teacher_embedding: Tensor,

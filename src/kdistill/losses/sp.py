@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdistill.losses._common import check_batch, upcast
+from kdistill.losses._common import check_batch, float32_loss, upcast
 
 
 def similarity_matrix(feature: Tensor) -> Tensor:
@@ -14,6 +14,7 @@ def similarity_matrix(feature: Tensor) -> Tensor:
     return F.normalize(flat @ flat.t(), dim=1)
 
 
+@float32_loss
 def sp_loss(student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
     """(1/B²) ‖G̃_t − G̃_s‖²_F (SP paper eq. 4) on any per-sample features (maps or vectors).
 
