@@ -13,6 +13,7 @@ import copy
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -322,11 +323,30 @@ def _trainer(cfg: DetectionConfig, out: Path, monitor: str) -> L.Trainer:
         num_sanity_val_steps=0, **extra)
 
 
-def fit_detection(cfg: DetectionConfig, resume: bool = False) -> DetectionResult:
-    """Train (method ``ce``) or distill (``reviewkd``) a detector; export the final student."""
-    from kdistill.engine.run import ensure_writable
+def fit_detection(cfg: DetectionConfig, resume: bool = False, overwrite: bool = False) -> DetectionResult:
+    """Train (method ``ce``) or distill (``reviewkd``) a detector; export the final student.
 
-    out = ensure_writable(cfg.output)
+    The output folder is claimed as for classification (``engine.rundir``): a new run needs a new or
+    empty folder (``overwrite`` moves an old one aside, never deletes it), ``resume`` continues the run
+    found there, and the folder is locked while the run uses it."""
+    from kdistill.engine.run import ensure_writable
+    from kdistill.engine.rundir import claim, is_main_process
+
+    if not is_main_process():  # other ranks of a distributed launch write through rank 0
+        return _fit_detection(cfg, resume, ensure_writable(cfg.output), None)
+    run = claim(cfg.output, resume=resume, overwrite=overwrite)
+    try:
+        return _fit_detection(cfg, resume, run.path, run)
+    except ConfigError:
+        run.discard_if_unused()
+        raise
+    finally:
+        run.release()
+
+
+def _fit_detection(cfg: DetectionConfig, resume: bool, out: Path, run: Any) -> DetectionResult:
+    from kdistill.engine.rundir import take_ownership
+
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = load_detection_data(cfg)
     student, model = build_models(cfg, data.num_classes)
@@ -344,6 +364,8 @@ def fit_detection(cfg: DetectionConfig, resume: bool = False) -> DetectionResult
             raise ConfigError(f"--resume: no checkpoint at {str(last)!r}")
         AtomicCheckpointIO().load_checkpoint(last)  # refuse a damaged checkpoint before touching the folder
         ckpt_path = str(last)
+    if run is not None:  # every check has passed: the first write into the folder
+        take_ownership(run, " ".join(["kdistill", *sys.argv[1:]]))
     text = json.dumps(card_for(cfg, data, {}), indent=2, default=str)
     atomic_write(out / "run.json", lambda tmp: Path(tmp).write_text(text))
     start = time.perf_counter()
