@@ -119,6 +119,11 @@ def test_every_coco_recipe_resolves_with_its_pair_and_published_numbers():
             assert (cfg.teacher.model, cfg.student.model) == (pair.teacher, pair.student)
             assert cfg.method.options["loss_weight"] == pair.loss_weight and cfg.teacher.checkpoint
     assert build_detection_config("coco/reviewkd/frcnn_r101_r18").published["box_ap"] == 36.75
+    # no ReviewKD number is quoted for Mask R-CNN / RetinaNet (no checked copy): the teacher's and the baseline to compare
+    for pair in ("maskrcnn_r101_r18", "maskrcnn_r101_r50", "maskrcnn_r50_mv2", "retinanet_r101_r50"):
+        published = build_detection_config(f"coco/reviewkd/{pair}").published
+        assert published["box_ap"] is None and published["teacher_box_ap"] > 35 and "coco/vanilla/" in published["source"]
+        assert ("teacher_mask_ap" in published) == pair.startswith("maskrcnn")
 
 
 def test_readme_detection_example_runs():
