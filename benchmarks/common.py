@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import sys
 import tarfile
 from pathlib import Path
@@ -42,3 +43,23 @@ def unpack_tiny100(cache: Path) -> Path:
     with tarfile.open(archive) as tar:
         tar.extractall(cache, filter="data")
     return target
+
+
+def shown_command(argv: list[str], program: str = "kdistill") -> str:
+    """``argv`` as a shell command for a results file, with this machine's paths made portable: the
+    data cache (``$KDISTILL_CACHE`` or ``~/.cache/kdistill``) becomes ``$KDISTILL_CACHE``, and paths inside
+    the repository or its sibling ``shared`` folder become relative to the repository."""
+    cache = os.environ.get("KDISTILL_CACHE", str(Path.home() / ".cache" / "kdistill"))
+    swaps = [(str(Path(cache).resolve()), "$KDISTILL_CACHE"), (cache.rstrip("/"), "$KDISTILL_CACHE"),
+             (str(ROOT) + "/", ""), (str(SHARED), "../shared")]
+    parts = []
+    for a in argv:
+        for old, new in swaps:
+            a = a.replace(old, new)
+        # keep $KDISTILL_CACHE expandable by the shell: unquoted when the rest needs no quoting, else double quotes
+        quoted = shlex.quote(a.replace("$KDISTILL_CACHE", "KDISTILLCACHE"))
+        if "$KDISTILL_CACHE" in a:
+            quoted = a if quoted == a.replace("$KDISTILL_CACHE", "KDISTILLCACHE") else '"' + a.replace('"', '\\"') + '"'
+        parts.append(quoted)
+    return " ".join([program, *parts])
+

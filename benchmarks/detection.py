@@ -14,6 +14,11 @@ last checkpoint, finished rows are kept in the JSON beside the table):
 
     python benchmarks/detection.py --threads 1                  # everything
     python benchmarks/detection.py --threads 1 --parts speed
+    python benchmarks/detection.py --threads 1 --parts accuracy --rows student reviewkd --seed 1
+
+``--seed`` changes the training seed of the student rows (initialisation, sampling order, RPN/RoI
+sampling; the data set and the teacher stay the same); rows of a seed other than 0 are named
+``student-seed<N>`` and ``reviewkd-seed<N>``.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ COMMAND = "python benchmarks/detection.py"
 
 TEACHER = "maskrcnn_resnet34_fpn"
 STUDENT = "maskrcnn_resnet18_fpn"
+ROW_ORDER = ("teacher", "student", "reviewkd")
 LOSS_WEIGHT = 1.5  # the paper's value for its Mask R-CNN R101 -> R18 pair
 IMAGE = 128
 DETECTOR = ["slim=true", "norm=batchnorm", "trainable_layers=5",
@@ -56,7 +62,7 @@ def data_overrides(args: argparse.Namespace) -> list[str]:
     return ["task=detection", "data.name=synthetic", f"data.train_size={args.train_size}",
             f"data.val_size={args.val_size}", f"data.image_size=[{IMAGE}, {IMAGE}]", "data.batch_size=4",
             "data.eval_batch_size=4", "data.max_objects=4", "trainer.accelerator=cpu", "trainer.progress_bar=false",
-            "optim.lr=0.01", "optim.warmup_iters=50", "trainer.gradient_clip_val=5.0", "optim.weight_decay=0.0001", "seed=0"]
+            "optim.lr=0.01", "optim.warmup_iters=50", "trainer.gradient_clip_val=5.0", "optim.weight_decay=0.0001", "seed=0", "data.seed=0"]
 
 
 def detector(role: str, model: str) -> list[str]:
@@ -69,7 +75,9 @@ def run_cli(argv: list[str], out: Path, log: Path) -> dict[str, Any]:
     metrics = out / "metrics.json"
     if metrics.is_file():
         return json.loads(metrics.read_text())
-    resume = ["--resume"] if (out / "checkpoints" / "last.ckpt").is_file() else []
+    # resume a started run; a folder left by a run killed before its first checkpoint is moved aside
+    resume = ["--resume"] if (out / "checkpoints" / "last.ckpt").is_file() else \
+        ["--overwrite"] if out.is_dir() and any(out.iterdir()) else []
     cmd = [sys.executable, "-m", "kdistill.cli", *argv, f"output={out}", *resume]
     print("$", " ".join(cmd[2:]), flush=True)
     with open(log, "a") as fh:
@@ -92,22 +100,23 @@ def part_accuracy(args: argparse.Namespace, cache: Path, record: dict[str, Any])
     rows = record.setdefault("accuracy", {})
     teacher_dir = cache / "teacher"
     common = [*base, *detector("student", STUDENT), f"trainer.max_epochs={args.student_epochs}",
-              f"optim.milestones=[{args.student_epochs - 1}]"]
+              f"optim.milestones=[{args.student_epochs - 1}]", f"seed={args.seed}"]
+    suffix = f"-seed{args.seed}" if args.seed else ""
     if "teacher" in args.rows:
         t = run_cli(["train", *base, *detector("student", TEACHER), f"trainer.max_epochs={args.teacher_epochs}",
                      f"optim.milestones=[{args.teacher_epochs - 1}]"], teacher_dir, cache / "teacher.log")
         rows["teacher"] = {"model": TEACHER, "steps": steps * args.teacher_epochs, **t}
     if "student" in args.rows:
-        s = run_cli(["train", *common], cache / "student", cache / "student.log")
-        rows["student"] = {"model": STUDENT, "steps": steps * args.student_epochs, **s,
-                           "losses": loss_curve(cache / "student")}
+        s = run_cli(["train", *common], cache / f"student{suffix}", cache / f"student{suffix}.log")
+        rows[f"student{suffix}"] = {"model": STUDENT, "steps": steps * args.student_epochs, "seed": args.seed, **s,
+                                    "losses": loss_curve(cache / f"student{suffix}")}
     if "reviewkd" in args.rows:
         wait_for(teacher_dir / "metrics.json", args.wait_minutes)
         r = run_cli(["distill", *common, "method.name=reviewkd", f"method.options.loss_weight={LOSS_WEIGHT}",
                      *detector("teacher", TEACHER), f"teacher.checkpoint={teacher_dir / 'student.safetensors'}"],
-                    cache / "reviewkd", cache / "reviewkd.log")
-        rows["reviewkd"] = {"model": STUDENT, "steps": steps * args.student_epochs, **r,
-                            "losses": loss_curve(cache / "reviewkd")}
+                    cache / f"reviewkd{suffix}", cache / f"reviewkd{suffix}.log")
+        rows[f"reviewkd{suffix}"] = {"model": STUDENT, "steps": steps * args.student_epochs, "seed": args.seed, **r,
+                                     "losses": loss_curve(cache / f"reviewkd{suffix}")}
 
 
 def loss_curve(run: Path) -> dict[str, list[float]]:
@@ -203,6 +212,27 @@ def part_coco128(args: argparse.Namespace, cache: Path, record: dict[str, Any]) 
                        "wall_seconds_incl_cached": round(train_s, 1)}
 
 
+def seed_gains(acc: dict[str, Any]) -> list[str]:
+    """One line per seed with both student rows: ReviewKD minus the plain student, then the mean."""
+    lines, gains = [], []
+    for seed in sorted({r.get("seed", 0) for r in acc.values()}):
+        suffix = f"-seed{seed}" if seed else ""
+        s, r = acc.get(f"student{suffix}"), acc.get(f"reviewkd{suffix}")
+        if s and r:
+            gain = (100 * (r["bbox_AP"] - s["bbox_AP"]), 100 * (r.get("segm_AP", 0) - s.get("segm_AP", 0)))
+            gains.append(gain)
+            lines.append(f"Seed {seed}: ReviewKD minus the plain student: {gain[0]:+.2f} box AP, {gain[1]:+.2f} mask "
+                         "AP (the final epoch's checkpoint of each run).")
+        elif s or r:
+            lines.append(f"Seed {seed}: only one of the two student rows had finished when this table was written; "
+                         "the same command resumes the other from its last checkpoint.")
+        lines.append("")
+    if len(gains) > 1:
+        lines.append(f"Mean over {len(gains)} seeds: {statistics.mean(g[0] for g in gains):+.2f} box AP, "
+                     f"{statistics.mean(g[1] for g in gains):+.2f} mask AP.")
+    return lines
+
+
 def render(record: dict[str, Any], args: argparse.Namespace) -> str:
     commands = []
     for argv in record.get("runs") or [record["argv"]]:
@@ -223,22 +253,14 @@ def render(record: dict[str, Any], args: argparse.Namespace) -> str:
                   f"last epoch. ReviewKD: lambda = {LOSS_WEIGHT}, 5 FPN levels, 3,286,024 ABF parameters.", "",
                   "| row | model | steps | box AP | box AP50 | mask AP | mask AP50 | train s |",
                   "|---|---|---|---|---|---|---|---|"]
-        for name in ("teacher", "student", "reviewkd"):
-            r = acc.get(name)
+        for name, r in sorted(acc.items(), key=lambda kv: (kv[1].get("seed", 0), ROW_ORDER.index(kv[0].split("-seed")[0]))):
             if r:
                 lines.append(f"| {name} | {r['model']} | {r['steps']} | {100 * r['bbox_AP']:.2f} | "
                              f"{100 * r['bbox_AP50']:.2f} | {100 * r.get('segm_AP', float('nan')):.2f} | "
                              f"{100 * r.get('segm_AP50', float('nan')):.2f} | {r['train_seconds']:.0f} |")
-        if "student" in acc and "reviewkd" in acc:
-            s, r = acc["student"], acc["reviewkd"]
-            lines += ["", f"ReviewKD minus the plain student: {100 * (r['bbox_AP'] - s['bbox_AP']):+.2f} box AP, "
-                      f"{100 * (r.get('segm_AP', 0) - s.get('segm_AP', 0)):+.2f} mask AP (one seed; the final "
-                      "epoch's checkpoint of each run)."]
-        elif "student" in acc:
-            lines += ["", "The ReviewKD row had not finished when this table was written; `--rows reviewkd` resumes "
-                      "it from its last checkpoint."]
-        for name in ("student", "reviewkd"):
-            if name in acc:
+        lines += [""] + seed_gains(acc)
+        for name in sorted(acc):
+            if name != "teacher":
                 lines += ["", f"Per-epoch training losses, {name}: `{json.dumps(acc[name]['losses'])}`"]
         lines.append("")
     sp = record.get("speed")
@@ -283,6 +305,7 @@ def main() -> None:
     parser.add_argument("--val-size", type=int, default=64)
     parser.add_argument("--teacher-epochs", type=int, default=4)
     parser.add_argument("--student-epochs", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="training seed of the student rows")
     parser.add_argument("--speed-rounds", type=int, default=8)
     parser.add_argument("--rows", nargs="+", default=["teacher", "student", "reviewkd"],
                         choices=["teacher", "student", "reviewkd"], help="accuracy rows run by this process")

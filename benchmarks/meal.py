@@ -28,13 +28,12 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import sys
 from pathlib import Path
 
 import torch
 from accuracy import add_budget_arguments, append_row, common_overrides, finished_run_matches, run_kdistill
-from common import RESULTS, ROOT, unpack_tiny100
+from common import RESULTS, ROOT, shown_command, unpack_tiny100
 
 TEACHER_RECIPE = [
     "data.name=imagefolder", "data.batch_size=64", "data.eval_batch_size=500",
@@ -68,7 +67,7 @@ def train_teachers(args: argparse.Namespace, data_root: Path, reuse_only: bool =
         print(f"teacher {model}: top-1 {metrics['top1_last']:.2f}% ({f'{seconds / 60:.1f} min' if commit else 'reused'})",
               flush=True)
         teachers.append({"model": model, "checkpoint": str(out / "student.safetensors"), "top1": metrics["top1_last"],
-                         "command": "kdistill " + " ".join(shlex.quote(a) for a in argv),
+                         "command": shown_command(argv),
                          "minutes": seconds / 60, "threads": args.threads})
     return teachers
 
@@ -206,7 +205,7 @@ def main() -> None:
         pool = [t["model"] for t in teachers] if name != "kd-best" else [max(teachers, key=lambda t: t["top1"])["model"]]
         row = {"method": name, "seed": 0, "teachers": " + ".join(pool), "minutes": seconds / 60, "threads": args.threads,
                **({"commit": commit} if commit else {}),
-               "command": "kdistill " + " ".join(shlex.quote(a) for a in argv),
+               "command": shown_command(argv),
                **{k: v for k, v in metrics.items() if k != "history"}, "history": metrics["history"]}
         rows = append_row(cache_file, row)
         write_table(rows, teachers, args, RESULTS / f"{args.name}.md")

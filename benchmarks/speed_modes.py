@@ -162,7 +162,8 @@ def measure_cache(pair: str, method: str, args: Any, script: str, env: dict[str,
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")), None)
         if line is None:
             raise RuntimeError(proc.stderr[-800:])
-        runs.append(json.loads(line[4:])["modes"]["compiled"])
+        row = json.loads(line[4:])
+        runs.append({**row["modes"]["compiled"], "stats": row["compile"]})
     return {"pair": pair, "method": f"{method}@compile-cache", "load": [load0, os.getloadavg()],
             "cold": runs[0], "warm": runs[1], "cache_dir_bytes": _du(Path(cache))}
 
@@ -216,12 +217,24 @@ def write_modes_report(path: Path, rows: dict[str, Any], meta: dict[str, Any]) -
             lines += ["", "bf16 modes were skipped: this CPU has no native bf16 (AVX512-BF16 / AMX)."]
     if cache_rows:
         lines += ["", "## Compile cache: the same compiled step in two processes sharing one Inductor cache", "",
-                  "| pair | method | first step, empty cache (s, wall) | first step, warm cache (s, wall) | cache size MiB | load |",
-                  "|---|---|---|---|---|---|"]
+                  "The first process starts with an empty cache directory and fills it; the second, a fresh process "
+                  "(as a resumed run is), uses it. *Compile s*: wall time of the first step minus a measured step; "
+                  "*first step CPU s*: the measuring thread's CPU time in the first step (Dynamo's tracing and the "
+                  "cache lookups; Inductor's C++ compiler runs in worker processes). *Hits/misses*: Inductor's "
+                  "compiled graphs and AOT autograd's forward/backward pairs found in / added to the cache by that process.",
+                  "",
+                  "| pair | method | process | compile s (wall) | first step wall s | first step CPU s | step wall ms | "
+                  "Inductor hits/misses | AOT autograd hits/misses | cache MiB | load |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in cache_rows:
-            lines.append(f"| {r['pair']} | {r['method'].split('@')[0]} | {r['cold']['first_steps'][0]['wall_s']:.1f} | "
-                         f"{r['warm']['first_steps'][0]['wall_s']:.1f} | {r['cache_dir_bytes'] / 2**20:.0f} | "
-                         f"{r['load'][0][0]:.1f}→{r['load'][1][0]:.1f} |")
+            for name, label in (("cold", "1st, empty cache"), ("warm", "2nd, same cache")):
+                m = r[name]
+                c = m.get("stats", {}).get("cache")
+                hits = (f"{c['inductor_hit']}/{c['inductor_miss']}", f"{c['autograd_hit']}/{c['autograd_miss']}") if c else ("—", "—")
+                lines.append(f"| {r['pair']} | {r['method'].split('@')[0]} | {label} | {m['compile_s']:.1f} | "
+                             f"{m['first_steps'][0]['wall_s']:.1f} | {m['first_steps'][0]['cpu_s']:.1f} | "
+                             f"{_ms(m['wall_ms'])} | {hits[0]} | {hits[1]} | {r['cache_dir_bytes'] / 2**20:.0f} | "
+                             f"{r['load'][0][0]:.1f}→{r['load'][1][0]:.1f} |")
     errors = [f"- {k}: {r['error']}" for k, r in sorted(rows.items()) if "error" in r]
     if errors:
         lines += ["", "## Rows that failed", "", *errors]

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import os
 import tarfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
+if TYPE_CHECKING:
+    from kdistill.data import BatchAugment, ImageTensors
+    from kdistill.step import Distiller
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+# One intra-op thread for the whole suite, in this process and in every subprocess it starts: tiny models
+# run fastest that way on a shared 2-core machine, and the seeded resume tests compare in-process and
+# subprocess runs bit for bit, which holds only when both reduce with the same thread count.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
@@ -84,3 +97,43 @@ def make_image_folder(root: Path, classes: int = 3, train: int = 8, val: int = 4
                 pixels = (base + rng.normal(0, 40, (size, size, 3))).clip(0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(d / f"{i:03d}.{ext}")
     return root
+
+
+# --- a tiny distiller, data and augmentation for the step and teacher-cache tests ---
+
+STEP_CLASSES = 10
+
+
+def make_distiller(method: str = "kd", seed: int = 0) -> Distiller:
+    """A cifar.resnet8 student and teacher (teacher BatchNorm statistics randomised, so a changed buffer
+    changes its outputs) with ``method`` built for 3x16x16 inputs."""
+    import kdistill
+    from kdistill.methods import build_method
+    from kdistill.step import Distiller
+
+    torch.manual_seed(seed)
+    student = kdistill.create_model("cifar.resnet8", num_classes=STEP_CLASSES)
+    teacher = kdistill.create_model("cifar.resnet8", num_classes=STEP_CLASSES)
+    with torch.no_grad():
+        for m in teacher.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    m = build_method(method, student=student, teachers=[teacher], input_size=(3, 16, 16))
+    return Distiller(student, [teacher], m).train()
+
+
+def make_data(n: int = 20, seed: int = 0) -> ImageTensors:
+    """``n`` random uint8 16x16 images with labels in ``range(STEP_CLASSES)``."""
+    from kdistill.data import ImageTensors
+
+    g = torch.Generator().manual_seed(seed)
+    return ImageTensors(torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=g),
+                        torch.randint(0, STEP_CLASSES, (n,), generator=g))
+
+
+def make_augment(padding: int = 4) -> BatchAugment:
+    """CIFAR-style pad-crop-flip with fixed normalisation."""
+    from kdistill.data import BatchAugment
+
+    return BatchAugment([0.5, 0.4, 0.3], [0.25, 0.2, 0.3], padding=padding, flip=True)

@@ -168,6 +168,8 @@ def test_inductor_compiled_kd_step_equals_eager_and_a_second_run_reuses_the_cach
     compile_distiller(again)
     run_steps(again, 1)
     assert counters["inductor"]["fxgraph_cache_hit"] > 0 and counters["inductor"]["fxgraph_cache_miss"] == 0
+    cache = compile_stats()["cache"]
+    assert cache["inductor_hit"] == counters["inductor"]["fxgraph_cache_hit"] and cache["inductor_miss"] == 0
 
 
 def test_engine_runs_compiled_bf16_mixed_steps_and_evaluation(tmp_path, monkeypatch):

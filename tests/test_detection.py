@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -459,3 +460,59 @@ def test_training_shards_are_disjoint_per_rank_and_change_per_epoch():
         s.set_epoch(1)
     assert [list(s) for s in shards] != first
     assert list(ShardSampler(5, False, seed=0, rank=1, world=2)) == [1, 3]
+
+
+def _noisy_predictions(targets, seed=0):
+    """Ground truth moved by a few pixels, some instances missed, random scores, one false positive per image."""
+    g = torch.Generator().manual_seed(seed)
+    preds = []
+    for t in targets:
+        keep = torch.rand(len(t["boxes"]), generator=g) > 0.2
+        shift = torch.randint(-3, 4, (int(keep.sum()), 2), generator=g)
+        boxes = t["boxes"][keep] + shift.repeat(1, 2).float()
+        masks = torch.stack([torch.roll(m, (int(s[1]), int(s[0])), (0, 1)) for m, s in zip(t["masks"][keep], shift,
+                                                                                             strict=True)]) \
+            if keep.any() else t["masks"][:0]
+        h, w = t["masks"].shape[-2:]
+        fp = torch.zeros(1, h, w, dtype=torch.uint8)
+        fp[0, 2:30, 3:25] = 1
+        preds.append({"boxes": torch.cat([boxes, torch.tensor([[3.0, 2.0, 25.0, 30.0]])]),
+                      "labels": torch.cat([t["labels"][keep], t["labels"][:1]]),
+                      "scores": torch.rand(int(keep.sum()) + 1, generator=g),
+                      "masks": torch.cat([masks, fp])[:, None].float()})
+    return preds
+
+
+def test_faster_coco_eval_gives_the_numbers_of_pycocotools():
+    pytest.importorskip("faster_coco_eval", reason="faster-coco-eval is not installed (pip install faster-coco-eval; "
+                        "it is in the dev extra): nothing to compare pycocotools with")
+    from kdistill.detection.evaluate import predictions_to_coco
+
+    ds = SyntheticShapesCOCO(8, image_size=((96, 140), (100, 160)), seed=4, max_objects=5)
+    targets = [ds[i][1] for i in range(len(ds))]
+    results = predictions_to_coco(_noisy_predictions(targets), [int(t["image_id"]) for t in targets])
+    reference = coco_evaluate(ds.to_coco_dict(), results, ("bbox", "segm"), backend="pycocotools")
+    faster = coco_evaluate(ds.to_coco_dict(), results, ("bbox", "segm"), backend="faster_coco_eval")
+    assert sorted(faster) == sorted(reference) and len(reference) == 12
+    for key, value in reference.items():
+        assert faster[key] == pytest.approx(value, abs=1e-12), key
+    # a case that separates scorers: neither perfect nor empty
+    assert 0.2 < reference["bbox_AP"] < 0.95 and 0.2 < reference["segm_AP"] < 0.95
+
+
+def test_coco_backend_auto_prefers_faster_coco_eval_and_falls_back(monkeypatch):
+    from kdistill.detection.evaluate import coco_backend
+
+    with pytest.raises(ConfigError, match=r"backend must be one of \('auto', 'pycocotools', 'faster_coco_eval'\), "
+                                          r"got 'cocoapi'"):
+        coco_backend("cocoapi")
+    try:
+        import faster_coco_eval  # noqa: F401
+
+        assert coco_backend("auto")[0] == "faster_coco_eval"
+    except ImportError:
+        assert coco_backend("auto")[0] == "pycocotools"
+    monkeypatch.setitem(sys.modules, "faster_coco_eval", None)  # the import now fails as if not installed
+    assert coco_backend("auto")[0] == "pycocotools"
+    with pytest.raises(ConfigError, match="needs the faster-coco-eval package"):
+        coco_backend("faster_coco_eval")

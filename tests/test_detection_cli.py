@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -21,13 +22,23 @@ TINY = ["task=detection", "student.slim=true", "student.norm=batchnorm", "studen
 
 def test_train_resume_distill_eval_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student"
-    common = [*TINY, "model=fasterrcnn_resnet18_fpn"]
+    common = [*TINY, "model=fasterrcnn_resnet18_fpn", "trainer.log_every_n_steps=1"]
     assert main(["train", *common, "trainer.max_epochs=1", f"output={teacher_dir}"]) == 0
     first = torch.load(teacher_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert first["epoch"] == 0 and first["global_step"] == 2
     assert main(["train", *common, "trainer.max_epochs=2", f"output={teacher_dir}", "--resume"]) == 0
     second = torch.load(teacher_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert second["epoch"] == 1 and second["global_step"] == 4
+    # the resumed run appends to the log: the first epoch's rows are still there
+    with open(teacher_dir / "logs" / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted({int(r["epoch"]) for r in rows if r.get("val/bbox_AP")}) == [0, 1]
+    assert sorted(int(r["step"]) for r in rows if r.get("train/loss_step")) == [0, 1, 2, 3]
+    # a new run into the finished run's folder is refused before anything is written
+    kept = {p: p.read_bytes() for p in teacher_dir.rglob("*") if p.is_file()}
+    assert main(["train", *common, "trainer.max_epochs=1", f"output={teacher_dir}"]) == 2
+    assert "already holds a kdistill run" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in teacher_dir.rglob("*") if p.is_file()} == kept
     card = json.loads((teacher_dir / "student.json").read_text())
     assert card["task"] == "detection" and card["num_classes"] == 4 and card["metrics"]["epochs"] == 2
     assert 0 <= card["metrics"]["bbox_AP"] <= 1
@@ -45,6 +56,13 @@ def test_train_resume_distill_eval_export(tmp_path: Path, capsys: pytest.Capture
     assert main(["eval", str(student_dir)]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert set(metrics) >= {"bbox_AP", "bbox_AP50", "bbox_AP75", "bbox_APs", "bbox_APm", "bbox_APl"}
+    # an override changes the run's own recipe: the reference scorer gives the same numbers
+    assert main(["eval", str(student_dir), "eval_backend=pycocotools"]) == 0
+    reference = json.loads(capsys.readouterr().out)
+    assert {k: v for k, v in reference.items() if k != "images_per_s"} == \
+        {k: v for k, v in metrics.items() if k != "images_per_s"}
+    assert main(["eval", str(student_dir), "eval_backend=cocoapi"]) == 2
+    assert "eval_backend" in capsys.readouterr().err
     out = tmp_path / "export.safetensors"
     assert main(["export", str(student_dir / "checkpoints" / "last.ckpt"), "--out", str(out)]) == 0
     from kdistill.detection.engine import load_detector_from_run
@@ -101,6 +119,11 @@ def test_every_coco_recipe_resolves_with_its_pair_and_published_numbers():
             assert (cfg.teacher.model, cfg.student.model) == (pair.teacher, pair.student)
             assert cfg.method.options["loss_weight"] == pair.loss_weight and cfg.teacher.checkpoint
     assert build_detection_config("coco/reviewkd/frcnn_r101_r18").published["box_ap"] == 36.75
+    # no ReviewKD number is quoted for Mask R-CNN / RetinaNet (no checked copy): the teacher's and the baseline to compare
+    for pair in ("maskrcnn_r101_r18", "maskrcnn_r101_r50", "maskrcnn_r50_mv2", "retinanet_r101_r50"):
+        published = build_detection_config(f"coco/reviewkd/{pair}").published
+        assert published["box_ap"] is None and published["teacher_box_ap"] > 35 and "coco/vanilla/" in published["source"]
+        assert ("teacher_mask_ap" in published) == pair.startswith("maskrcnn")
 
 
 def test_readme_detection_example_runs():

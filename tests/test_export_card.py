@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from kdistill.cli import main
 
@@ -19,11 +18,8 @@ TINY = ["model=cifar.resnet8", "data.num_classes=4", "data.train_size=64", "data
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("export") / "run"
     assert main(["train", f"output={out}", *TINY]) == 0
-    torch.set_num_threads(threads)
     return out
 
 

@@ -40,15 +40,6 @@ TABLE_PARAMS = {
 }  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small convolutions are far faster on one thread when the 2 cores are shared (oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _layouts() -> dict:
     return json.loads(KEYS_JSON.read_text())["models"]
 

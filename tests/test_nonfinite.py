@@ -20,14 +20,6 @@ COMMON = ["model=cifar.resnet8", "data.batch_size=8", "data.eval_batch_size=8", 
           "trainer.progress_bar=false"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_constant_images_name_the_input_batch_and_zero_std(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     for split in ("train", "val"):
         for c in range(2):

@@ -27,16 +27,6 @@ TINY = ["data.num_classes=4", "data.train_size=96", "data.val_size=48", "data.im
         "optim.schedule=constant"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, and the kill/resume comparison needs the same thread
-    count in this process and in the ``kdistill`` subprocesses (``OMP_NUM_THREADS=1``)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def snapshot(folder: Path) -> dict[str, str]:
     """Every file under ``folder`` with the hash of its bytes."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()

@@ -8,50 +8,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import STEP_CLASSES as NUM_CLASSES
+from conftest import make_augment, make_data, make_distiller
 
 import kdistill
 from kdistill.cli import main
-from kdistill.data import BatchAugment, ImageTensors
+from kdistill.data import ImageTensors
 from kdistill.engine.teacher_cache import TeacherCacheError, build_teacher_cache, load_teacher_cache
-from kdistill.methods import build_method
 from kdistill.methods.base import Batch, StepInfo
-from kdistill.step import Distiller, FixedTeachers
-
-NUM_CLASSES = 10
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> None:
-    torch.set_num_threads(1)
-
-
-def make_distiller(method: str = "kd", seed: int = 0) -> Distiller:
-    torch.manual_seed(seed)
-    student = kdistill.create_model("cifar.resnet8", num_classes=NUM_CLASSES)
-    teacher = kdistill.create_model("cifar.resnet8", num_classes=NUM_CLASSES)
-    # non-trivial BatchNorm statistics, so a changed buffer changes the outputs
-    with torch.no_grad():
-        for m in teacher.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    m = build_method(method, student=student, teachers=[teacher], input_size=(3, 16, 16))
-    return Distiller(student, [teacher], m).train()
-
-
-def make_data(n: int = 20, seed: int = 0) -> ImageTensors:
-    g = torch.Generator().manual_seed(seed)
-    return ImageTensors(torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=g),
-                        torch.randint(0, NUM_CLASSES, (n,), generator=g))
-
-
-def make_augment(padding: int = 4) -> BatchAugment:
-    return BatchAugment([0.5, 0.4, 0.3], [0.25, 0.2, 0.3], padding=padding, flip=True)
+from kdistill.step import FixedTeachers
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory):
-    torch.set_num_threads(1)
     d, data, aug = make_distiller(), make_data(), make_augment()
     out = tmp_path_factory.mktemp("cache") / "fp32"
     cache = build_teacher_cache(d, data, aug, out, views=3, storage="fp32", batch_size=7, seed=1)

@@ -24,15 +24,6 @@ SIZE = (3, 8, 8)
 LN2 = math.log(2.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def model(name: str = "cifar.resnet8", classes: int = 10, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return create_model(name, num_classes=classes)

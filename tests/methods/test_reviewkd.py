@@ -24,16 +24,6 @@ from kdistill.recipes import load_recipe
 from kdistill.step import Distiller
 from kdistill.utils import ConfigError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny batches gain nothing from intra-op threads; one thread avoids spin contention on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- HCL -----------------------------------------------------------------------------------------
 
 

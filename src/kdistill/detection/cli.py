@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         from kdistill.detection.engine import fit_detection
 
-        result = fit_detection(cfg, resume=args.resume)
+        result = fit_detection(cfg, resume=args.resume, overwrite=getattr(args, "overwrite", False))
         if result.export is None:  # not the global-zero process of a DDP run: it prints nothing
             return 0
         shown = "   ".join(f"{k} {100 * v:.2f}" for k, v in result.metrics.items() if k.endswith(("_AP", "_AP50")))
@@ -69,10 +69,10 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "eval":
         from kdistill.detection.engine import evaluate_detection
 
-        cfg = None
-        if args.recipe or args.overrides:
-            cfg = build_detection_config(*_split(args))
-        metrics = evaluate_detection(args.checkpoint, cfg)
+        recipe, overrides = _split(args)
+        # a recipe replaces the run's own; bare overrides change the run's own recipe
+        cfg = build_detection_config(recipe, overrides) if recipe else None
+        metrics = evaluate_detection(args.checkpoint, cfg, overrides)
         print(json.dumps({k: round(v, 4) for k, v in metrics.items()}))
         return 0
     if args.command == "export":

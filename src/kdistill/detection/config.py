@@ -7,6 +7,7 @@ overrides, unknown keys and names raise ``ConfigError`` naming the key and the a
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +108,8 @@ class DetectionConfig:
     published: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     output: str = "runs/detection"
+    # COCO AP scorer: auto = faster-coco-eval when installed (same numbers, faster), else pycocotools
+    eval_backend: str = "auto"
     data: DetectionDataConfig = field(default_factory=DetectionDataConfig)
     student: DetectorConfig = field(default_factory=DetectorConfig)
     teacher: DetectorConfig = field(default_factory=DetectorConfig)
@@ -181,6 +184,13 @@ def validate_detection(cfg: DetectionConfig) -> None:
             raise ConfigError(f"data.{key} must be >= 1, got {getattr(cfg.data, key)}")
     if cfg.data.num_classes is not None and cfg.data.num_classes < 2:
         raise ConfigError(f"data.num_classes must be >= 2 (background included) or null, got {cfg.data.num_classes}")
+    from kdistill.detection.evaluate import BACKENDS
+
+    if cfg.eval_backend not in BACKENDS:
+        raise unknown_name_error("value for eval_backend", cfg.eval_backend, BACKENDS)
+    if cfg.eval_backend == "faster_coco_eval" and importlib.util.find_spec("faster_coco_eval") is None:
+        raise ConfigError("eval_backend=faster_coco_eval needs the faster-coco-eval package (pip install "
+                          "faster-coco-eval); 'auto' uses it when installed, else pycocotools")
     if cfg.method.name not in METHODS:
         raise unknown_name_error("value for method.name", cfg.method.name, METHODS)
     if cfg.student.model is None:

@@ -9,9 +9,11 @@ part of the Lightning module's state or of DDP.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 
 from kdistill.checkpoint import save_student
@@ -31,6 +32,7 @@ from kdistill.detection.evaluate import coco_evaluate, predictions_to_coco
 from kdistill.detection.models import build_detector, detector_kind, load_detector_weights
 from kdistill.engine.callbacks import AtomicCheckpointIO
 from kdistill.engine.module import NonFiniteLossError
+from kdistill.engine.resume import AppendingCSVLogger
 from kdistill.files import atomic_write
 from kdistill.utils import ConfigError
 
@@ -140,6 +142,20 @@ def iou_types_for(model_name: str) -> tuple[str, ...]:
 
 
 # --- the Lightning module ----------------------------------------------------------------------------------
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1
+
+
+def _mean_over_ranks(values: Tensor) -> Tensor:
+    """``values`` averaged over the DDP processes (one all-reduce); unchanged in a single process."""
+    if not _distributed():
+        return values
+    values = values.clone()
+    torch.distributed.all_reduce(values)
+    return values / torch.distributed.get_world_size()
+
+
 class NonFiniteDetectionLoss(NonFiniteLossError):
     """A loss of the dict became NaN or Inf (the last good checkpoint is kept)."""
 
@@ -165,15 +181,17 @@ class DetectionModule(L.LightningModule):
         images, targets = batch
         check_targets(targets, self.data.num_classes)
         losses = self.model(images, targets)
-        bad = [k for k, v in losses.items() if not torch.isfinite(v)]
+        loss = sum(losses.values())
+        n = len(images)
+        # one all-reduce: the logged values are the mean over the processes, and a loss that is not finite
+        # on any rank is not finite in the mean, so every rank stops together instead of one hanging
+        logged = _mean_over_ranks(torch.stack([*(v.detach().float() for v in losses.values()), loss.detach().float()]))
+        bad = [k for k, v in zip(losses, logged, strict=False) if not torch.isfinite(v)]
         if bad:
             raise NonFiniteDetectionLoss(f"loss {', '.join(bad)} is not finite at step {self.global_step}; the last "
                                          "good checkpoint is kept (lower optim.lr or check the data)")
-        loss = sum(losses.values())
-        n = len(images)
-        for key, value in losses.items():
-            self.log(f"train/{key}", value.detach(), batch_size=n, on_step=True, on_epoch=True)
-        self.log("train/loss", loss.detach(), batch_size=n, on_step=True, on_epoch=True, prog_bar=True)
+        for key, value in zip([*losses, "loss"], logged, strict=True):
+            self.log(f"train/{key}", value, batch_size=n, on_step=True, on_epoch=True, prog_bar=key == "loss")
         return loss
 
     def on_train_epoch_start(self) -> None:
@@ -185,6 +203,24 @@ class DetectionModule(L.LightningModule):
 
     def on_validation_epoch_start(self) -> None:
         self._results, self._ids = [], []
+        self.sync_batchnorm_stats()
+
+    def on_train_epoch_end(self) -> None:
+        self.sync_batchnorm_stats()
+
+    def sync_batchnorm_stats(self) -> None:
+        """Average the BatchNorm running statistics of the trained modules (student, ABFs) over the
+        processes. DDP runs here without per-step buffer broadcasts (see ``make_strategy``), so each rank's
+        statistics drift apart during an epoch; averaged before validation and checkpointing, every rank
+        evaluates and saves one model. The teacher is outside ``self.model`` and never changes."""
+        if not _distributed():
+            return
+        bufs = [b for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                and m.track_running_stats and m.running_mean is not None for b in (m.running_mean, m.running_var)]
+        if bufs:
+            flat = _mean_over_ranks(torch.cat([b.reshape(-1).float() for b in bufs]))
+            for b, chunk in zip(bufs, flat.split([b.numel() for b in bufs]), strict=True):
+                b.copy_(chunk.view_as(b))
 
     def validation_step(self, batch: tuple[list[Tensor], list[dict[str, Tensor]]], batch_idx: int) -> None:
         images, targets = batch
@@ -203,7 +239,7 @@ class DetectionModule(L.LightningModule):
         seen, gt = set(ids), self.data.ground_truth
         gt = {**gt, "images": [i for i in gt["images"] if i["id"] in seen],
               "annotations": [a for a in gt["annotations"] if a["image_id"] in seen]}
-        metrics = coco_evaluate(gt, results, self.iou_types)
+        metrics = coco_evaluate(gt, results, self.iou_types, self.cfg.eval_backend)
         for key, value in metrics.items():
             self.log(f"val/{key}", value)
         self._results, self._ids = [], []
@@ -282,16 +318,35 @@ def _trainer(cfg: DetectionConfig, out: Path, monitor: str) -> L.Trainer:
         max_epochs=t.max_epochs, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         strategy=make_strategy(t), precision=t.precision, log_every_n_steps=t.log_every_n_steps,
         check_val_every_n_epoch=t.check_val_every_n_epoch, gradient_clip_val=t.gradient_clip_val,
-        callbacks=[best, last], logger=[CSVLogger(out, name="logs", version="")], plugins=[AtomicCheckpointIO()],
+        callbacks=[best, last], logger=[AppendingCSVLogger(out, name="logs", version="")], plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False, enable_progress_bar=t.progress_bar, enable_model_summary=False,
         num_sanity_val_steps=0, **extra)
 
 
-def fit_detection(cfg: DetectionConfig, resume: bool = False) -> DetectionResult:
-    """Train (method ``ce``) or distill (``reviewkd``) a detector; export the final student."""
-    from kdistill.engine.run import ensure_writable
+def fit_detection(cfg: DetectionConfig, resume: bool = False, overwrite: bool = False) -> DetectionResult:
+    """Train (method ``ce``) or distill (``reviewkd``) a detector; export the final student.
 
-    out = ensure_writable(cfg.output)
+    The output folder is claimed as for classification (``engine.rundir``): a new run needs a new or
+    empty folder (``overwrite`` moves an old one aside, never deletes it), ``resume`` continues the run
+    found there, and the folder is locked while the run uses it."""
+    from kdistill.engine.run import ensure_writable
+    from kdistill.engine.rundir import claim, is_main_process
+
+    if not is_main_process():  # other ranks of a distributed launch write through rank 0
+        return _fit_detection(cfg, resume, ensure_writable(cfg.output), None)
+    run = claim(cfg.output, resume=resume, overwrite=overwrite)
+    try:
+        return _fit_detection(cfg, resume, run.path, run)
+    except ConfigError:
+        run.discard_if_unused()
+        raise
+    finally:
+        run.release()
+
+
+def _fit_detection(cfg: DetectionConfig, resume: bool, out: Path, run: Any) -> DetectionResult:
+    from kdistill.engine.rundir import take_ownership
+
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     data = load_detection_data(cfg)
     student, model = build_models(cfg, data.num_classes)
@@ -309,6 +364,8 @@ def fit_detection(cfg: DetectionConfig, resume: bool = False) -> DetectionResult
             raise ConfigError(f"--resume: no checkpoint at {str(last)!r}")
         AtomicCheckpointIO().load_checkpoint(last)  # refuse a damaged checkpoint before touching the folder
         ckpt_path = str(last)
+    if run is not None:  # every check has passed: the first write into the folder
+        take_ownership(run, " ".join(["kdistill", *sys.argv[1:]]))
     text = json.dumps(card_for(cfg, data, {}), indent=2, default=str)
     atomic_write(out / "run.json", lambda tmp: Path(tmp).write_text(text))
     start = time.perf_counter()
@@ -373,20 +430,23 @@ def load_detector_from_run(path: str | Path) -> tuple[nn.Module, dict[str, Any]]
     return model.eval(), card
 
 
-def evaluate_detection(path: str | Path, cfg: DetectionConfig | None = None) -> dict[str, float]:
-    """COCO AP of a run's student on the validation split of its recipe's data (or ``cfg``'s)."""
+def evaluate_detection(path: str | Path, cfg: DetectionConfig | None = None,
+                       overrides: list[str] | None = None) -> dict[str, float]:
+    """COCO AP of a run's student on the validation split of its recipe's data (or ``cfg``'s); ``overrides``
+    (``key=value``) change the run's own recipe, e.g. ``eval_backend=pycocotools``."""
+    from kdistill.detection.config import build_detection_config
     from kdistill.detection.evaluate import evaluate_detector
-    from kdistill.typed import build_dataclass
 
     model, card = load_detector_from_run(path)
-    cfg = cfg or build_dataclass(DetectionConfig, card["recipe"])
+    cfg = cfg or build_detection_config(None, overrides, base=copy.deepcopy(card["recipe"]))
     data = load_detection_data(cfg)
     if data.num_classes != card["num_classes"]:
         raise ConfigError(f"the detector has {card['num_classes']} classes (background included) but the data needs "
                           f"{data.num_classes}")
     loader = make_loader(data.val, cfg.data.eval_batch_size, False, 0, num_workers=cfg.data.num_workers)
     start = time.perf_counter()
-    metrics = evaluate_detector(model, loader, data.ground_truth, iou_types_for(card["model"]))
+    metrics = evaluate_detector(model, loader, data.ground_truth, iou_types_for(card["model"]),
+                                backend=cfg.eval_backend)
     metrics["images_per_s"] = len(data.val) / (time.perf_counter() - start)
     return metrics
 

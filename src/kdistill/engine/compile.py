@@ -107,12 +107,17 @@ class CompiledPasses:
 
 
 def compile_stats() -> dict[str, Any]:
-    """Dynamo's counters of this process: graphs compiled, graph breaks with their reasons, recompiles."""
+    """Dynamo's counters of this process: graphs compiled, graph breaks with their reasons, recompiles, and
+    the on-disk caches' hits and misses (Inductor's compiled graphs, AOT autograd's forward/backward pairs)."""
     from torch._dynamo.utils import counters
 
     return {"unique_graphs": int(counters["stats"]["unique_graphs"]),
             "graph_breaks": {reason.split("\n")[0]: n for reason, n in counters["graph_break"].items()},
-            "recompiles": int(counters["recompiles"].total()) if "recompiles" in counters else 0}
+            "recompiles": int(counters["recompiles"].total()) if "recompiles" in counters else 0,
+            "cache": {"inductor_hit": int(counters["inductor"]["fxgraph_cache_hit"]),
+                      "inductor_miss": int(counters["inductor"]["fxgraph_cache_miss"]),
+                      "autograd_hit": int(counters["aot_autograd"]["autograd_cache_hit"]),
+                      "autograd_miss": int(counters["aot_autograd"]["autograd_cache_miss"])}}
 
 
 def compile_distiller(distiller: nn.Module, mode: str = "default", dynamic: bool | None = None,

@@ -2,59 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch.nn.functional as F
 from torch import Tensor
 
-from kdistill.features import TappedModel
 from kdistill.losses import nst_loss
-from kdistill.methods.base import (
-    Batch,
-    Method,
-    MethodOptions,
-    ModelOutput,
-    StepInfo,
-    check_weight,
-    register_method,
-)
+from kdistill.methods.base import register_method
+from kdistill.methods.feature_loss import FeatureLossMethod, FeatureLossOptions
 
 
 @dataclass
-class NSTOptions(MethodOptions):
+class NSTOptions(FeatureLossOptions):
     """β=50 (the benchmark's)."""
 
-    ce_weight: float = 1.0
     feat_weight: float = 50.0
-
-    def check(self) -> None:
-        check_weight("ce_weight", self.ce_weight)
-        check_weight("feat_weight", self.feat_weight)
 
 
 @register_method
-class NST(Method):
+class NST(FeatureLossMethod):
     """All post-ReLU stage outputs (``feat[1:-1]``), paired shallow to deep; β=50."""
 
     name = "nst"
     Options = NSTOptions
     options: NSTOptions
+    pairs = "stages"
 
-    def build(self, student: TappedModel, teachers: list[TappedModel]) -> None:
-        self.require_one_teacher()
-        self.ce_weight = float(self.options.ce_weight)
-        self.feat_weight = float(self.options.feat_weight)
-        self.pair_all_stages()
-
-    def forward(
-        self, batch: Batch, student: ModelOutput, teachers: Sequence[ModelOutput], info: StepInfo
-    ) -> dict[str, Tensor]:
-        s_feats, t_feats = student.features, teachers[0].features
-        loss = sum(
-            nst_loss(s_feats[s], t_feats[t]) for s, t in zip(self.student_features, self.teacher_features, strict=True)
-        )
-        return {
-            "ce": self.ce_weight * F.cross_entropy(student.logits, batch.targets),
-            "nst": self.feat_weight * loss,
-        }
+    def feature_loss(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return nst_loss(student, teacher)
