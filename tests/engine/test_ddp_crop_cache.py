@@ -21,8 +21,8 @@ import torch
 
 pytest.importorskip("litdata")
 
-from kdistill.cli import main  # noqa: E402
-from kdistill.engine.crop_cache import topk_expand, view_of  # noqa: E402
+from kdistill.cli import main
+from kdistill.engine.crop_cache import topk_expand, view_of
 
 TRAIN, CLASSES, VIEWS, TOPK, BATCH, EPOCHS = 48, 4, 2, 2, 8, 2  # the image folder of conftest.make_shard_folder
 
