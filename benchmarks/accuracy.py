@@ -44,6 +44,7 @@ ROWS: dict[str, list[str]] = {
     "nst": ["method.name=nst"],
     "crd": ["method.name=crd"],
     "vid": ["method.name=vid"],
+    "hkd": ["method.name=hkd"],
 }
 # Execution modes (``<method>@<mode>`` rows): the same run with the step compiled and/or in bf16
 # mixed precision; ``eager`` reruns the plain row under its own name (on the current machine).
@@ -53,15 +54,25 @@ MODES: dict[str, list[str]] = {
     "bf16": ["trainer.precision=bf16-mixed"],
     "compiled+bf16": ["trainer.compile=true", "trainer.precision=bf16-mixed"],
 }
-DEFAULT_ORDER = ["ce", "kd", "reviewkd", "dkd", "crd", "fitnet", "at", "sp", "pkt", "rkd", "nst", "vid", "crd_kd"]
+DEFAULT_ORDER = ["ce", "kd", "reviewkd", "dkd", "crd", "fitnet", "at", "sp", "pkt", "rkd", "nst", "vid", "crd_kd", "hkd"]
 ROWS["crd_kd"] = ["method.name=crd_kd"]
 
 # What a reader needs to interpret a row, shown under the table when the row is present. Numbers
 # come from the run's own logs (runs/bench-accuracy/<row>/logs/metrics.csv, per-step loss terms).
 NOTES: dict[str, str] = {
+    "hkd": (
+        "**HKD far below the student alone at this budget, and why.** Its two contrastive terms (β = 3, K = 4,950 "
+        "negatives of other classes: the 16,384 of the recipe exceed the 5,000-image bank) are 13 times the "
+        "cross-entropy for the whole run: weighted individual term 58.1 in epoch 1 and 58.9 in epoch 10 (unweighted "
+        "19.6, against 2·ln(4,951) = 17.0 for uninformative scores), holistic 27.8 → 24.5, cross-entropy 4.64 → "
+        "4.41 (the student alone: 4.17 in epoch 4, 3.58 in epoch 10). The positives are rows of the other network's "
+        "memory bank, rewritten once per epoch with momentum 0.9: after 10 writes a row still carries 0.9^10 ≈ 35% "
+        "of its random initialisation, so the targets stay mostly noise while the loss that chases them dominates "
+        "the gradient. HKD is a 240-epoch method (each row written 240 times); this table cannot rank it."
+    ),
     "fitnet": (
         "**FitNet is the best row here**, while at 240 epochs on full CIFAR-100 it barely beats the student alone "
-        "(69.21 vs 69.06 in the CRD paper's table, docs/methods/fitnet.md). This budget is a low-data regime (50 images per class; the teacher saw "
+        "(69.21 vs 69.06, Tian et al., ICLR 2020, Table 1). This budget is a low-data regime (50 images per class; the teacher saw "
         "500): a dense per-position target for the student's middle stage, from features learned on ten times more "
         "images, is plausibly worth more here than with the full data. One seed; the ranking between FitNet, NST, "
         "DKD and ReviewKD at this budget is not established beyond it."
@@ -71,7 +82,7 @@ NOTES: dict[str, str] = {
         "embeddings; 2.10 in epoch 1, 1.17 in epoch 10) is as large as the cross-entropy and pulls the student toward "
         "the teacher's sample geometry before it can classify: the run's train cross-entropy is 4.54 in epoch 4 and "
         "4.08 in epoch 10, against 4.17 and 3.58 for the student alone (means of the logged steps). At 240 epochs the published gain is small "
-        "(+0.55 points for resnet56 → resnet20 in the CRD paper's table, docs/methods/rkd.md) and negative for resnet32x4 → resnet8x4 (71.90 vs "
+        "(+0.55 points for resnet56 → resnet20, Tian et al., ICLR 2020, Table 1) and negative for resnet32x4 → resnet8x4 (71.90 vs "
         "72.50), so a short budget that leaves the cross-entropy behind shows RKD at its worst."
     ),
     "crd": (

@@ -75,7 +75,9 @@ def run_cli(argv: list[str], out: Path, log: Path) -> dict[str, Any]:
     metrics = out / "metrics.json"
     if metrics.is_file():
         return json.loads(metrics.read_text())
-    resume = ["--resume"] if (out / "checkpoints" / "last.ckpt").is_file() else []
+    # resume a started run; a folder left by a run killed before its first checkpoint is moved aside
+    resume = ["--resume"] if (out / "checkpoints" / "last.ckpt").is_file() else \
+        ["--overwrite"] if out.is_dir() and any(out.iterdir()) else []
     cmd = [sys.executable, "-m", "kdistill.cli", *argv, f"output={out}", *resume]
     print("$", " ".join(cmd[2:]), flush=True)
     with open(log, "a") as fh:

@@ -34,6 +34,17 @@ def test_train_resume_distill_eval_export(tmp_path: Path, capsys: pytest.Capture
         rows = list(csv.DictReader(fh))
     assert sorted({int(r["epoch"]) for r in rows if r.get("val/bbox_AP")}) == [0, 1]
     assert sorted(int(r["step"]) for r in rows if r.get("train/loss_step")) == [0, 1, 2, 3]
+    # refused before anything is written: a new run into the run's folder, a resume under another learning rate,
+    # a resume of a run that has trained its epochs
+    kept = {p: p.read_bytes() for p in teacher_dir.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["train", *common, "trainer.max_epochs=1", f"output={teacher_dir}"]) == 2
+    assert "already holds a kdistill run" in capsys.readouterr().err
+    assert main(["train", *common, "trainer.max_epochs=3", "optim.lr=0.5", f"output={teacher_dir}", "--resume"]) == 2
+    assert "--resume: optim.lr is 0.5 but the run was trained with 0.01" in capsys.readouterr().err
+    assert main(["train", *common, "trainer.max_epochs=2", f"output={teacher_dir}", "--resume"]) == 0
+    assert "has already trained 2 epochs" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in teacher_dir.rglob("*") if p.is_file()} == kept
     card = json.loads((teacher_dir / "student.json").read_text())
     assert card["task"] == "detection" and card["num_classes"] == 4 and card["metrics"]["epochs"] == 2
     assert 0 <= card["metrics"]["bbox_AP"] <= 1
@@ -114,6 +125,11 @@ def test_every_coco_recipe_resolves_with_its_pair_and_published_numbers():
             assert (cfg.teacher.model, cfg.student.model) == (pair.teacher, pair.student)
             assert cfg.method.options["loss_weight"] == pair.loss_weight and cfg.teacher.checkpoint
     assert build_detection_config("coco/reviewkd/frcnn_r101_r18").published["box_ap"] == 36.75
+    # no ReviewKD number is quoted for Mask R-CNN / RetinaNet (no checked copy): the teacher's and the baseline to compare
+    for pair in ("maskrcnn_r101_r18", "maskrcnn_r101_r50", "maskrcnn_r50_mv2", "retinanet_r101_r50"):
+        published = build_detection_config(f"coco/reviewkd/{pair}").published
+        assert published["box_ap"] is None and published["teacher_box_ap"] > 35 and "coco/vanilla/" in published["source"]
+        assert ("teacher_mask_ap" in published) == pair.startswith("maskrcnn")
 
 
 def test_readme_detection_example_runs():

@@ -91,6 +91,27 @@ def test_random_resized_crops_depend_only_on_seed_epoch_and_index(tmp_path: Path
     assert 0 <= box[0] and box[0] + box[2] <= h and 0 <= box[1] and box[1] + box[3] <= w
 
 
+def test_the_trainer_sets_each_epoch_of_a_streamed_loader(tmp_path: Path) -> None:
+    # Lightning starts an epoch by calling set_epoch on loader.sampler and loader.batch_sampler.sampler (the helper
+    # below is what its fit loop calls); the streamed loader must take the epoch from there, or every epoch would
+    # repeat epoch 0's order and crops
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+
+    root = _jpeg_folder(tmp_path / "d", per_class=8)
+    ds = StreamingFolder(scan_folder(root / "train", cache_dir=tmp_path / "cache"), ImageTransform("imagenet", 16),
+                         train=True, seed=3)
+    loader = StreamingLoader(ds, 4, True, seed=3, with_params=True)
+    orders = []
+    for e in (0, 1):
+        _set_sampler_epoch(loader, e)
+        assert loader.epoch_batches.epoch == e
+        orders.append([(int(i), p[k].tolist()) for _, _, idx, p in loader for k, i in enumerate(idx)])
+    assert [i for i, _ in orders[0]] != [i for i, _ in orders[1]]  # a new shuffle
+    assert sorted(i for i, _ in orders[1]) == list(range(16))
+    boxes = [dict(o) for o in orders]
+    assert sum(boxes[0][i] != boxes[1][i] for i in range(16)) >= 14  # and new crops
+
+
 def test_bad_images_are_skipped_and_counted(tmp_path: Path) -> None:
     root = _jpeg_folder(tmp_path / "d")
     (root / "val" / "c0" / "zz-broken.jpg").write_bytes(b"not an image")

@@ -158,6 +158,11 @@ class ShardDataset(litdata.StreamingDataset):
             self.set_drop_last(world_size > 1)
 
     @property
+    def split_size(self) -> int:
+        """Every sample of the split, whatever this rank's share (``len`` is the share under DDP)."""
+        return sum(end - start for start, end in self.region_of_interest)
+
+    @property
     def epoch(self) -> int:
         """The 0-based epoch being read (LitData counts from 1)."""
         return max(int(self.current_epoch) - 1, 0)
@@ -290,12 +295,14 @@ def open_shards(
 
 def shard_stats(dataset: ShardDataset, sample: int = 2000, seed: int = 0) -> tuple[list[float], list[float]]:
     """Channel mean and standard deviation of the evaluation crops of up to ``sample`` images of a split (chosen
-    by ``seed``): a whole pass over a large split only for its statistics would cost an epoch."""
+    by ``seed`` among all of the split's samples, whichever DDP rank asks): a whole pass over a large split only for
+    its statistics would cost an epoch."""
     import random
 
     from kdistill.data.tensors import ImageTensors
 
-    rows = sorted(random.Random(seed).sample(range(len(dataset)), min(sample, len(dataset))))
+    n = dataset.split_size  # the whole split: every rank measures the same statistics as one process does
+    rows = sorted(random.Random(seed).sample(range(n), min(sample, n)))
     images = []
     for position in rows:
         item = dataset.raw(position)

@@ -304,6 +304,13 @@ class EpochBatches(torch.utils.data.Sampler[list[tuple[int, int]]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = self.inner.epoch = epoch
 
+    @property
+    def sampler(self) -> EpochBatches:
+        """Itself: Lightning starts each epoch with ``loader.sampler.set_epoch`` and
+        ``loader.batch_sampler.sampler.set_epoch``, never ``loader.batch_sampler.set_epoch``; without this every epoch
+        would repeat epoch 0's order and crops."""
+        return self
+
     def __len__(self) -> int:
         return len(self.inner) if self.train else -(-len(self.rows) // self.batch_size)
 

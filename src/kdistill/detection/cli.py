@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         from kdistill.detection.engine import fit_detection
 
-        result = fit_detection(cfg, resume=args.resume)
+        result = fit_detection(cfg, resume=args.resume, overwrite=getattr(args, "overwrite", False))
         if result.export is None:  # not the global-zero process of a DDP run: it prints nothing
             return 0
         shown = "   ".join(f"{k} {100 * v:.2f}" for k, v in result.metrics.items() if k.endswith(("_AP", "_AP50")))

@@ -162,10 +162,17 @@ class CachedCropTeachers:
         return batch, [ModelOutput(self.cache.logits(t, batch.index, view).to(device)) for t in selected]
 
 
+def split_size(dataset: Any) -> int:
+    """The number of samples of the whole training split. Under DDP a shard data set's ``len`` is the rank's share;
+    the cache holds every sample, so that it is one file whichever rank (or how many) reads it."""
+    return int(dataset.split_size) if hasattr(dataset, "split_size") else len(dataset)
+
+
 def _encoded(dataset: Any) -> Iterator[tuple[int, bytes]]:
-    """``(index, encoded bytes)`` of every sample of a shard split or a streamed image folder."""
-    if hasattr(dataset, "raw"):  # ShardDataset
-        for position in range(len(dataset)):
+    """``(index, encoded bytes)`` of every sample of a shard split or a streamed image folder (all of the split,
+    not a rank's share)."""
+    if hasattr(dataset, "raw"):  # ShardDataset: raw positions address the whole split
+        for position in range(split_size(dataset)):
             item = dataset.raw(position)
             yield int(item["index"]), bytes(item["image"])
     elif hasattr(dataset, "files"):  # a streamed image folder: the sample index is the position in its listing
@@ -190,7 +197,7 @@ def data_identity(dataset: Any) -> dict[str, Any]:
         for path, target, size in zip(files.paths, files.targets.tolist(), files.sizes.tolist(), strict=True):
             h.update(f"{Path(path).name}|{target}|{size}\n".encode())
         kind = "folder"
-    return {"kind": kind, "size": len(dataset), "sha256": h.hexdigest()}
+    return {"kind": kind, "size": split_size(dataset), "sha256": h.hexdigest()}
 
 
 def _expected(distiller: Any, dataset: Any, augment: BatchAugment) -> dict[str, Any]:
@@ -254,7 +261,7 @@ def build_crop_cache(
     device = next(iter([*distiller.parameters(), *distiller.buffers()])).device
     norm = augment.to(device)
     transform = dataset.image_transform if hasattr(dataset, "image_transform") else dataset.transform
-    n, t_count = len(dataset), len(distiller.teachers)
+    n, t_count = split_size(dataset), len(distiller.teachers)
     params = torch.zeros(n, views, 5, dtype=torch.int32)  # height 0 marks an image that did not decode
     stored: dict[str, Tensor] = {}
     skipped: list[int] = []
@@ -344,6 +351,6 @@ def load_crop_cache(path: str | Path, distiller: Any, dataset: Any, augment: Bat
     except Exception as exc:  # safetensors raises its own error type for damaged files
         raise TeacherCacheError(f"teacher cache {str(path)!r}: cannot read tensors.safetensors ({exc}){rebuild}") from exc
     cache = CropCache(manifest, tensors["params"], tensors["values"], tensors["classes"], tensors["fill"])
-    if cache.params.shape[:2] != (len(dataset), manifest["views"]) or cache.values.shape[0] != len(expected["teachers"]):
+    if cache.params.shape[:2] != (split_size(dataset), manifest["views"]) or cache.values.shape[0] != len(expected["teachers"]):
         raise TeacherCacheError(f"teacher cache {str(path)!r}: tensor shapes do not match its manifest{rebuild}")
     return cache

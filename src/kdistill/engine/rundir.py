@@ -155,8 +155,8 @@ def claim(output: str | Path, resume: bool = False, overwrite: bool = False) -> 
     """Own and lock the run folder ``output`` before anything is written into it.
 
     New run: the folder must not exist or be empty; with ``overwrite`` a non-empty one is renamed
-    aside first. Resume: the folder must hold a kdistill run (its marker, or ``config.json`` for runs
-    made before markers). Raises ConfigError (exit 2) naming the folder otherwise; nothing is written.
+    aside first. Resume: the folder must hold a kdistill run (its marker, or ``config.json`` /
+    ``run.json`` for runs made before markers). Raises ConfigError (exit 2) naming the folder otherwise; nothing is written.
     """
     folder = Path(output)
     if resume and overwrite:
@@ -167,7 +167,8 @@ def claim(output: str | Path, resume: bool = False, overwrite: bool = False) -> 
     if resume:
         if not folder.is_dir():
             raise ConfigError(f"--resume: there is no run at {str(folder)!r}")
-        if read_marker(folder) is None and not (folder / "config.json").is_file():
+        # runs made before markers: a classification run's config.json, a detection run's run.json
+        if read_marker(folder) is None and not any((folder / n).is_file() for n in ("config.json", "run.json")):
             raise ConfigError(f"--resume: {str(folder)!r} does not hold a kdistill run (no {MARKER} marker)")
         fd = _lock(folder)
         return RunFolder(folder, fd, resumed=True)
