@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -119,9 +120,13 @@ def pack_folder(
                               f"(only here: {sorted(set(found) - set(classes))[:5]}, "
                               f"missing: {sorted(set(classes) - set(found))[:5]})")
         items = [(i, str(path), label) for i, (path, label) in enumerate(files)]
-        litdata.optimize(fn=_pack_item, inputs=items, output_dir=_join(out, split), chunk_bytes=int(chunk_mb * 2**20),
-                         num_workers=min(workers, len(items)), reorder_files=False, verbose=False,
-                         storage_options=storage_options or {})
+        start_method = multiprocessing.get_start_method(allow_none=True)
+        try:
+            litdata.optimize(fn=_pack_item, inputs=items, output_dir=_join(out, split),
+                             chunk_bytes=int(chunk_mb * 2**20), num_workers=min(workers, len(items)),
+                             reorder_files=False, verbose=False, storage_options=storage_options or {})
+        finally:  # LitData forces the process-wide start method to spawn; DataLoaders started later keep theirs
+            multiprocessing.set_start_method(start_method, force=True)
         meta["splits"][split] = {"count": len(items), "bytes": sum(p.stat().st_size for p, _ in files)}
     _write_meta(out, meta, storage_options)
     return meta
