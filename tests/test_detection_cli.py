@@ -34,10 +34,16 @@ def test_train_resume_distill_eval_export(tmp_path: Path, capsys: pytest.Capture
         rows = list(csv.DictReader(fh))
     assert sorted({int(r["epoch"]) for r in rows if r.get("val/bbox_AP")}) == [0, 1]
     assert sorted(int(r["step"]) for r in rows if r.get("train/loss_step")) == [0, 1, 2, 3]
-    # a new run into the finished run's folder is refused before anything is written
+    # refused before anything is written: a new run into the run's folder, a resume under another learning rate,
+    # a resume of a run that has trained its epochs
     kept = {p: p.read_bytes() for p in teacher_dir.rglob("*") if p.is_file()}
+    capsys.readouterr()
     assert main(["train", *common, "trainer.max_epochs=1", f"output={teacher_dir}"]) == 2
     assert "already holds a kdistill run" in capsys.readouterr().err
+    assert main(["train", *common, "trainer.max_epochs=3", "optim.lr=0.5", f"output={teacher_dir}", "--resume"]) == 2
+    assert "--resume: optim.lr is 0.5 but the run was trained with 0.01" in capsys.readouterr().err
+    assert main(["train", *common, "trainer.max_epochs=2", f"output={teacher_dir}", "--resume"]) == 0
+    assert "has already trained 2 epochs" in capsys.readouterr().out
     assert {p: p.read_bytes() for p in teacher_dir.rglob("*") if p.is_file()} == kept
     card = json.loads((teacher_dir / "student.json").read_text())
     assert card["task"] == "detection" and card["num_classes"] == 4 and card["metrics"]["epochs"] == 2

@@ -32,7 +32,7 @@ from kdistill.detection.evaluate import coco_evaluate, predictions_to_coco
 from kdistill.detection.models import build_detector, detector_kind, load_detector_weights
 from kdistill.engine.callbacks import AtomicCheckpointIO
 from kdistill.engine.module import NonFiniteLossError
-from kdistill.engine.resume import AppendingCSVLogger
+from kdistill.engine.resume import AppendingCSVLogger, config_changes, flatten
 from kdistill.files import atomic_write
 from kdistill.utils import ConfigError
 
@@ -344,6 +344,36 @@ def fit_detection(cfg: DetectionConfig, resume: bool = False, overwrite: bool = 
         run.release()
 
 
+# settings a resumed run may change: how long it trains, what is logged and how it is scored, not what the
+# saved weights, optimiser and schedule state mean (as for classification, engine/resume.py)
+RESUME_MAY_CHANGE = ("description", "published", "eval_backend", "trainer.max_epochs", "trainer.progress_bar",
+                     "trainer.log_every_n_steps", "trainer.check_val_every_n_epoch", "trainer.limit_val_batches",
+                     "trainer.accelerator", "data.num_workers", "data.eval_batch_size")
+
+
+def check_resume_config(out: Path, cfg: DetectionConfig) -> None:
+    """Refuse ``--resume`` under a recipe that the saved state cannot follow (another model, data, learning
+    rate, ...): ConfigError naming the key and both values, raised before anything is written."""
+    card_path = out / "run.json"
+    if not card_path.is_file():
+        return
+    try:
+        old = json.loads(card_path.read_text()).get("recipe")
+    except ValueError as exc:
+        raise ConfigError(f"--resume: the run's {str(card_path)!r} is not valid JSON ({exc}); nothing was changed") from exc
+    if not isinstance(old, dict):
+        return
+    saved = flatten(json.loads(json.dumps(old, default=str)))  # keys newer than the run keep their defaults
+    refused = {k: v for k, v in config_changes(old, cfg.to_dict()).items()
+               if k in saved and not any(k == a or k.startswith(a + ".") for a in RESUME_MAY_CHANGE)}
+    if refused:
+        key, (was, now) = next(iter(refused.items()))
+        more = f" (and {len(refused) - 1} more: {', '.join(list(refused)[1:6])})" if len(refused) > 1 else ""
+        raise ConfigError(f"--resume: {key} is {now!r} but the run was trained with {was!r}{more}; the checkpoint cannot "
+                          f"continue under another value. Nothing was changed. On resume only these may change: "
+                          f"{', '.join(RESUME_MAY_CHANGE)}. Start a new run (another output=, or --overwrite) instead")
+
+
 def _fit_detection(cfg: DetectionConfig, resume: bool, out: Path, run: Any) -> DetectionResult:
     from kdistill.engine.rundir import take_ownership
 
@@ -362,7 +392,15 @@ def _fit_detection(cfg: DetectionConfig, resume: bool, out: Path, run: Any) -> D
         last = out / "checkpoints" / "last.ckpt"
         if not last.is_file():
             raise ConfigError(f"--resume: no checkpoint at {str(last)!r}")
-        AtomicCheckpointIO().load_checkpoint(last)  # refuse a damaged checkpoint before touching the folder
+        checkpoint = AtomicCheckpointIO().load_checkpoint(last)  # refuse a damaged checkpoint before any write
+        check_resume_config(out, cfg)
+        done = int(checkpoint.get("epoch", -1)) + 1
+        if done >= cfg.trainer.max_epochs:
+            from kdistill.engine.run import RunAlreadyFinished
+
+            raise RunAlreadyFinished(f"the run in {str(out)!r} has already trained {done} epochs (trainer.max_epochs="
+                              f"{cfg.trainer.max_epochs}); nothing was changed. To train longer, resume with a larger "
+                              "trainer.max_epochs")
         ckpt_path = str(last)
     if run is not None:  # every check has passed: the first write into the folder
         take_ownership(run, " ".join(["kdistill", *sys.argv[1:]]))

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdistill.losses.memory import MemoryBank
+
 
 def knn_graph(logits: Tensor, k: int = 8) -> Tensor:
     """Adjacency ``A`` (B×B, float 0/1): ``A[i, j] = 1`` when ``j`` is among the ``k`` nearest
@@ -57,7 +59,7 @@ def memory_infonce(anchor: Tensor, positive: Tensor, bank: Tensor, negatives: Te
     """
     a = anchor.float()
     pos = (a * positive.float()).sum(1, keepdim=True)
-    neg = torch.bmm(bank.float()[negatives], a.unsqueeze(2)).squeeze(2)
+    neg = MemoryBank.dot(bank.float(), negatives, a)  # B×N scores then a gather when cheaper than B×K×D rows
     logits = torch.cat([pos, neg], dim=1) / temperature
     return F.cross_entropy(logits, torch.zeros(a.shape[0], dtype=torch.long, device=a.device))
 
