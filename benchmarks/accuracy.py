@@ -280,11 +280,13 @@ def write_table(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
 
 # Shown under the modes table: how the plain rows' kernels were established (they predate the kernels field).
 MODES_NOTE = (
-    "**Why the plain KD row and its eager rerun differ (17.02 vs 16.06) with the same command and seed.** The plain "
+    "**Why the plain rows and their eager reruns differ (KD 17.02 vs 16.06, ReviewKD 19.56 vs 18.16) with the same "
+    "command and seed.** The plain "
     "rows ran on an earlier machine with AVX2 kernels; this one has AVX512. Run here with AVX2 kernels "
     "(`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2` before the KD row's command), "
     "the first epoch gives exactly the plain row's numbers (val top-1 1.74%, top-5 9.24%, last-step loss 4.713802); "
-    "without them, exactly the rerun's (1.96%, 9.04%). The step losses of the two differ from the first step in the "
+    "without them, exactly the rerun's (1.96%, 9.04%). The same holds for ReviewKD (first epoch with AVX2 kernels: "
+    "1.56%, 7.28%, the plain row's; rerun here: 1.94%). The step losses of the two differ from the first step in the "
     "seventh digit (rounding of the vectorised sums), and 780 SGD steps amplify that to 0.96 points of final top-1. "
     "With the same kernels and thread count a seeded run reproduces: two runs of the KD command shortened to 2 epochs "
     "of 8 batches give bit-identical weights, and the code of commit 12dbb2d (which added the plain KD row) and of "
