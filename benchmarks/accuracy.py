@@ -316,12 +316,13 @@ def modes_section(by_method: dict[str, list[dict]]) -> list[str]:
         return sum(values) / len(values)
 
     for method in methods:
-        names = [method] + sorted(m for m in by_method if m.startswith(f"{method}@"))
+        names = [method] * (method in by_method) + sorted(m for m in by_method if m.startswith(f"{method}@"))
         names.sort(key=lambda n: (n != method, n != f"{method}@eager", n))
         for name in names:
             rs = sorted(by_method[name], key=lambda r: r["seed"])
             ks = sorted({r.get("kernels", "not recorded") for r in rs})
-            eager = {(r["seed"], r.get("kernels")): r["top1_last"] for r in by_method.get(f"{method}@eager", [])}
+            # rows that predate the kernels field pair with nothing
+            eager = {(r["seed"], r["kernels"]): r["top1_last"] for r in by_method.get(f"{method}@eager", []) if "kernels" in r}
             pairs = [r["top1_last"] - eager[r["seed"], r["kernels"]] for r in rs if (r["seed"], r.get("kernels")) in eager]
             delta = "—" if name in (method, f"{method}@eager") or not pairs else f"{mean(pairs):+.2f} (n={len(pairs)})"
             mode = {"": "eager (the row above)", "eager": "eager (rerun)"}.get(name.partition("@")[2], name.partition("@")[2])
