@@ -44,6 +44,7 @@ ROWS: dict[str, list[str]] = {
     "nst": ["method.name=nst"],
     "crd": ["method.name=crd"],
     "vid": ["method.name=vid"],
+    "hkd": ["method.name=hkd"],
 }
 # Execution modes (``<method>@<mode>`` rows): the same run with the step compiled and/or in bf16
 # mixed precision; ``eager`` reruns the plain row under its own name (on the current machine).
@@ -53,15 +54,25 @@ MODES: dict[str, list[str]] = {
     "bf16": ["trainer.precision=bf16-mixed"],
     "compiled+bf16": ["trainer.compile=true", "trainer.precision=bf16-mixed"],
 }
-DEFAULT_ORDER = ["ce", "kd", "reviewkd", "dkd", "crd", "fitnet", "at", "sp", "pkt", "rkd", "nst", "vid", "crd_kd"]
+DEFAULT_ORDER = ["ce", "kd", "reviewkd", "dkd", "crd", "fitnet", "at", "sp", "pkt", "rkd", "nst", "vid", "crd_kd", "hkd"]
 ROWS["crd_kd"] = ["method.name=crd_kd"]
 
 # What a reader needs to interpret a row, shown under the table when the row is present. Numbers
 # come from the run's own logs (runs/bench-accuracy/<row>/logs/metrics.csv, per-step loss terms).
 NOTES: dict[str, str] = {
+    "hkd": (
+        "**HKD far below the student alone at this budget, and why.** Its two contrastive terms (β = 3, K = 4,950 "
+        "negatives of other classes: the 16,384 of the recipe exceed the 5,000-image bank) are 13 times the "
+        "cross-entropy for the whole run: weighted individual term 58.1 in epoch 1 and 58.9 in epoch 10 (unweighted "
+        "19.6, against 2·ln(4,951) = 17.0 for uninformative scores), holistic 27.8 → 24.5, cross-entropy 4.64 → "
+        "4.41 (the student alone: 4.17 in epoch 4, 3.58 in epoch 10). The positives are rows of the other network's "
+        "memory bank, rewritten once per epoch with momentum 0.9: after 10 writes a row still carries 0.9^10 ≈ 35% "
+        "of its random initialisation, so the targets stay mostly noise while the loss that chases them dominates "
+        "the gradient. HKD is a 240-epoch method (each row written 240 times); this table cannot rank it."
+    ),
     "fitnet": (
         "**FitNet is the best row here**, while at 240 epochs on full CIFAR-100 it barely beats the student alone "
-        "(69.21 vs 69.06 in the CRD paper's table, docs/methods/fitnet.md). This budget is a low-data regime (50 images per class; the teacher saw "
+        "(69.21 vs 69.06, Tian et al., ICLR 2020, Table 1). This budget is a low-data regime (50 images per class; the teacher saw "
         "500): a dense per-position target for the student's middle stage, from features learned on ten times more "
         "images, is plausibly worth more here than with the full data. One seed; the ranking between FitNet, NST, "
         "DKD and ReviewKD at this budget is not established beyond it."
@@ -71,7 +82,7 @@ NOTES: dict[str, str] = {
         "embeddings; 2.10 in epoch 1, 1.17 in epoch 10) is as large as the cross-entropy and pulls the student toward "
         "the teacher's sample geometry before it can classify: the run's train cross-entropy is 4.54 in epoch 4 and "
         "4.08 in epoch 10, against 4.17 and 3.58 for the student alone (means of the logged steps). At 240 epochs the published gain is small "
-        "(+0.55 points for resnet56 → resnet20 in the CRD paper's table, docs/methods/rkd.md) and negative for resnet32x4 → resnet8x4 (71.90 vs "
+        "(+0.55 points for resnet56 → resnet20, Tian et al., ICLR 2020, Table 1) and negative for resnet32x4 → resnet8x4 (71.90 vs "
         "72.50), so a short budget that leaves the cross-entropy behind shows RKD at its worst."
     ),
     "crd": (
@@ -269,11 +280,13 @@ def write_table(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
 
 # Shown under the modes table: how the plain rows' kernels were established (they predate the kernels field).
 MODES_NOTE = (
-    "**Why the plain KD row and its eager rerun differ (17.02 vs 16.06) with the same command and seed.** The plain "
+    "**Why the plain rows and their eager reruns differ (KD 17.02 vs 16.06, ReviewKD 19.56 vs 18.16) with the same "
+    "command and seed.** The plain "
     "rows ran on an earlier machine with AVX2 kernels; this one has AVX512. Run here with AVX2 kernels "
     "(`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2` before the KD row's command), "
     "the first epoch gives exactly the plain row's numbers (val top-1 1.74%, top-5 9.24%, last-step loss 4.713802); "
-    "without them, exactly the rerun's (1.96%, 9.04%). The step losses of the two differ from the first step in the "
+    "without them, exactly the rerun's (1.96%, 9.04%). The same holds for ReviewKD (first epoch with AVX2 kernels: "
+    "1.56%, 7.28%, the plain row's; rerun here: 1.94%). The step losses of the two differ from the first step in the "
     "seventh digit (rounding of the vectorised sums), and 780 SGD steps amplify that to 0.96 points of final top-1. "
     "With the same kernels and thread count a seeded run reproduces: two runs of the KD command shortened to 2 epochs "
     "of 8 batches give bit-identical weights, and the code of commit 12dbb2d (which added the plain KD row) and of "
@@ -303,12 +316,13 @@ def modes_section(by_method: dict[str, list[dict]]) -> list[str]:
         return sum(values) / len(values)
 
     for method in methods:
-        names = [method] + sorted(m for m in by_method if m.startswith(f"{method}@"))
+        names = [method] * (method in by_method) + sorted(m for m in by_method if m.startswith(f"{method}@"))
         names.sort(key=lambda n: (n != method, n != f"{method}@eager", n))
         for name in names:
             rs = sorted(by_method[name], key=lambda r: r["seed"])
             ks = sorted({r.get("kernels", "not recorded") for r in rs})
-            eager = {(r["seed"], r.get("kernels")): r["top1_last"] for r in by_method.get(f"{method}@eager", [])}
+            # rows that predate the kernels field pair with nothing
+            eager = {(r["seed"], r["kernels"]): r["top1_last"] for r in by_method.get(f"{method}@eager", []) if "kernels" in r}
             pairs = [r["top1_last"] - eager[r["seed"], r["kernels"]] for r in rs if (r["seed"], r.get("kernels")) in eager]
             delta = "—" if name in (method, f"{method}@eager") or not pairs else f"{mean(pairs):+.2f} (n={len(pairs)})"
             mode = {"": "eager (the row above)", "eager": "eager (rerun)"}.get(name.partition("@")[2], name.partition("@")[2])

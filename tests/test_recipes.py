@@ -146,7 +146,7 @@ def test_every_recipe_resolves_to_its_recorded_configuration() -> None:
     # detection recipes (task: detection) have their own schema and their own test in test_detection_cli.py
     names = [name for name, path in list_recipes() if load_recipe(path).get("task") != "detection"]
     assert sorted(names) == sorted(recorded), set(names) ^ set(recorded)
-    assert len(names) == 174
+    assert len(names) == 194
     for name in names:
         expected = build_config(base=merge(defaults, recorded[name])).to_dict()
         assert build_config(name).to_dict() == expected, name

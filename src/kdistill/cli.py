@@ -42,6 +42,13 @@ def _split_recipe(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     return recipe, overrides
 
 
+def method_needs_teacher(name: str) -> bool:
+    """Whether method ``name`` distils from a teacher (the online methods and ``ce`` do not)."""
+    from kdistill.methods import method_class
+
+    return method_class(name).needs_teacher
+
+
 def _resolve(args: argparse.Namespace, command: str):
     from kdistill.config import build_config
 
@@ -49,13 +56,16 @@ def _resolve(args: argparse.Namespace, command: str):
     base = {"output": f"runs/{command}"}
     if command == "train":
         cfg = build_config(recipe, overrides, base=base)
-        if cfg.method.name != "ce":
-            raise ConfigError(f"kdistill train trains without teachers (method ce); use kdistill distill for "
-                              f"method {cfg.method.name!r}")
+        from kdistill.methods import list_methods, method_class
+
+        if method_needs_teacher(cfg.method.name):
+            free = [m for m in list_methods() if not method_class(m).needs_teacher]
+            raise ConfigError(f"kdistill train trains without teachers (methods {', '.join(free)}); use kdistill "
+                              f"distill for method {cfg.method.name!r}")
         cfg.teachers = []
         return cfg
     cfg = build_config(recipe, overrides, base=base)
-    if command == "distill" and not cfg.teachers and cfg.method.name != "ce":
+    if command == "distill" and not cfg.teachers and method_needs_teacher(cfg.method.name):
         raise ConfigError("kdistill distill needs at least one teacher: set teachers (or teacher.model=... "
                           "teacher.checkpoint=...)")
     return cfg

@@ -133,7 +133,8 @@ def build_run(cfg: Config, data: DataBundle | None = None) -> Built:
         needs = tc.mean is not None and (tc.mean != data.mean or tc.std != data.std)
         teacher_inputs.append(Renormalize(data.mean, data.std, tc.mean, tc.std or data.std) if needs else None)
     facts = RunFacts(input_size=data.input_size, num_samples=len(data.train), num_classes=n,
-                     max_epochs=cfg.trainer.max_epochs)
+                     max_epochs=cfg.trainer.max_epochs,
+                     train_targets=getattr(data.train, "targets", None))  # streamed shards: labels unknown
     options = parse_method_options(cfg.method.name, cfg.method.options, "method.options")
     notes = options.fit_to_run(set(cfg.method.options), facts)
     method = build_method(

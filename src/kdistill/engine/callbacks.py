@@ -100,6 +100,8 @@ class History(L.Callback):
                 "val_top5": 100 * float(m.get("val/top5", float("nan"))),
                 "train_loss": losses.get("loss", float("nan")),
                 **{f"train_{k}": v for k, v in losses.items() if k != "loss"},
+                # several networks (online methods): each one's top-1 and the ensemble's
+                **{f"val_top1/{k[9:]}": 100 * float(v) for k, v in m.items() if k.startswith("val/top1/")},
             })
         if self.print_lines and trainer.is_global_zero:
             print(self.epoch_line(trainer, epoch, losses), flush=True)

@@ -27,6 +27,8 @@ from kdistill.engine.nonfinite import diagnose
 from kdistill.engine.schedule import lr_factor
 from kdistill.engine.teacher_cache import CachedTeachers, TeacherCache
 from kdistill.methods.base import Batch, StepInfo
+from kdistill.models.cohort import Cohort
+from kdistill.optim import GroupedOptimizer, make_optimizer
 from kdistill.step import Distiller, OwnOptimizerStep, sum_losses
 
 
@@ -68,6 +70,23 @@ def _average_grad(grad: Tensor) -> Tensor:
     return out.div_(dist.get_world_size())
 
 
+def check_groups_cover(method: str, groups: list[Any], params: list[nn.Parameter]) -> None:
+    """A method's optimizer groups must hold every trained parameter exactly once (nothing trained twice,
+    nothing silently left untrained)."""
+    owner: dict[int, str] = {}
+    for g in groups:
+        for p in g.params:
+            if id(p) in owner:
+                raise RuntimeError(f"{method}: a parameter is in optimizer groups {owner[id(p)]!r} and {g.name!r}")
+            owner[id(p)] = g.name
+    trained = {id(p) for p in params}
+    missing = sum(1 for p in params if id(p) not in owner)
+    extra = sum(1 for i in owner if i not in trained)
+    if missing or extra:
+        raise RuntimeError(f"{method}: its optimizer groups leave {missing} trained parameters out and hold {extra} "
+                           "that are not trained")
+
+
 class DistillModule(L.LightningModule):
     """Trains ``distiller.student`` (and the method's modules) with the configured optimizer."""
 
@@ -94,6 +113,13 @@ class DistillModule(L.LightningModule):
         self.val_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_top5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
         self.train_top1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        # a cohort (online methods): every network's accuracy and the ensemble's (last entry)
+        self.cohort = distiller.student if isinstance(distiller.student, Cohort) else None
+        if self.cohort is not None:
+            n = len(self.cohort.members) + 1
+            self.member_top1 = nn.ModuleList([MulticlassAccuracy(num_classes, top_k=1, average="micro") for _ in range(n)])
+            self.member_top5 = nn.ModuleList(
+                [MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro") for _ in range(n)])
         self.steps_per_epoch = 1
         self.own: OwnOptimizerStep | None = None  # the method's own optimizer (MEAL's discriminators)
         self._own_state: dict[str, Any] | None = None
@@ -214,6 +240,8 @@ class DistillModule(L.LightningModule):
         return total
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        if self.cohort is not None:
+            return self._cohort_validation_step(batch)
         logits = self.distiller(batch.images)  # the compiled evaluation pass under trainer.compile
         bs = len(batch.targets)
         self.val_top1(logits, batch.targets)
@@ -222,13 +250,48 @@ class DistillModule(L.LightningModule):
         self.log("val/top1", self.val_top1, prog_bar=True, batch_size=bs)
         self.log("val/top5", self.val_top5, batch_size=bs)
 
+    def _cohort_validation_step(self, batch: Batch) -> None:
+        """Every network of the cohort and their ensemble; ``val/top1`` is logged at the epoch's end."""
+        outs = self.cohort.forward_all(batch.images)
+        outs.append(Cohort.ensemble(outs))
+        for logits, top1, top5 in zip(outs, self.member_top1, self.member_top5, strict=True):
+            top1.update(logits, batch.targets)
+            top5.update(logits, batch.targets)
+        index = self.cohort.deployed_index()
+        deployed = outs[-1] if index is None else outs[index]
+        self.log("val/loss", F.cross_entropy(deployed, batch.targets), sync_dist=True, batch_size=len(batch.targets))
+
+    def on_validation_epoch_end(self) -> None:
+        if self.cohort is None:
+            return
+        top1 = [float(m.compute()) for m in self.member_top1]  # reduced over the processes
+        top5 = [float(m.compute()) for m in self.member_top5]
+        for m in (*self.member_top1, *self.member_top5):
+            m.reset()
+        if self.cohort.deploy == "best" and not self.trainer.sanity_checking:
+            self.cohort.best_index.fill_(max(range(len(top1) - 1), key=lambda i: top1[i]))
+        index = self.cohort.deployed_index()
+        index = len(top1) - 1 if index is None else index
+        # identical on every process (the metrics are reduced): sync_dist only silences Lightning's warning
+        self.log("val/top1", top1[index], prog_bar=True, sync_dist=True)
+        self.log("val/top5", top5[index], sync_dist=True)
+        for name, value in zip([*self.cohort.names, "ensemble"], top1, strict=True):
+            self.log(f"val/top1/{name}", value, sync_dist=True)
+
     def configure_optimizers(self) -> Any:
         o = self.cfg.optim
         # weight decay on every parameter, as the reference CIFAR recipes do (RepDistiller, mdistiller)
         params = self.distiller.trainable_parameters()
-        optimizer = torch.optim.SGD(
-            params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
-        )
+        groups = self.distiller.method.param_groups()
+        if groups is None:
+            optimizer = torch.optim.SGD(
+                params, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
+            )
+        else:
+            check_groups_cover(self.distiller.method.name, groups, params)
+            optimizer = GroupedOptimizer(
+                [make_optimizer(g, o.lr, o.momentum, o.nesterov, o.weight_decay) for g in groups], [g.name for g in groups]
+            )
         factor = lr_factor(
             o.schedule,
             self.steps_per_epoch,

@@ -31,6 +31,7 @@ from kdistill.engine.rundir import claim, is_main_process, take_ownership
 from kdistill.engine.signals import RunInterrupted, StopOnSignal
 from kdistill.files import atomic_write, atomic_write_json
 from kdistill.models import create_model
+from kdistill.models.cohort import Cohort
 from kdistill.predict import preprocessing
 from kdistill.utils import ConfigError
 
@@ -214,7 +215,8 @@ def _fit(cfg: Config, resume: bool, built: Built | None, out: Path, run: Any) ->
     stop = StopOnSignal(out / "checkpoints" / "last.ckpt")
     trainer = make_trainer(cfg, out, [history, speed, stop, RecordConfig(cfg.to_dict())])
     world = max(1, trainer.world_size)
-    module.steps_per_epoch = len(make_loader(built.data.train, cfg.data.batch_size, True, world_size=world))
+    module.steps_per_epoch = len(make_loader(built.data.train, cfg.data.batch_size, True, world_size=world,
+                                             samples_per_class=cfg.data.samples_per_class))
     ckpt_path = None
     if resume:
         # the checkpoint and every changed setting are checked before the folder is written to
@@ -267,8 +269,17 @@ def _fit(cfg: Config, resume: bool, built: Built | None, out: Path, run: Any) ->
         metrics = {"top1_last": result.top1_last, "top1_best": result.top1_best, "top5_last": result.top5_last,
                    "epochs": trainer.current_epoch, "train_images_per_s": result.images_per_s,
                    "train_seconds": seconds, "peak_memory_mb": peak_memory_mb(), "teachers_val": teachers_val}
-        result.export = save_student(built.distiller.student, out / "student.safetensors",
-                                     card_for(cfg, built.data, metrics))
+        student = built.distiller.student
+        card = card_for(cfg, built.data, metrics)
+        if isinstance(student, Cohort):
+            metrics["networks"] = {k[9:]: float(v) * 100 for k, v in m.items() if k.startswith("val/top1/")}
+            card = card_for(cfg, built.data, metrics)
+            # every network, for `kdistill eval`; the export holds only what is deployed
+            save_student(student, out / "networks.safetensors", card)
+            student, name, kwargs = student.deployed()
+            if name is not None:
+                card = {**card, "model": name, "model_kwargs": kwargs}
+        result.export = save_student(student, out / "student.safetensors", card)
         atomic_write_json(out / "metrics.json", {**metrics, "history": history.rows})
     return result
 
@@ -306,8 +317,8 @@ def load_exported(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
 def load_from_run(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The student of a run folder, an export, or a training checkpoint (``.ckpt``) of a run."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "student.safetensors"
+    if path.is_dir():  # a run of several networks (online methods) keeps them all beside the export
+        path = path / "networks.safetensors" if (path / "networks.safetensors").is_file() else path / "student.safetensors"
     if path.suffix == ".safetensors":
         return load_exported(path)
     if path.suffix == ".ckpt":
@@ -330,8 +341,28 @@ def evaluate(path: str | Path, cfg: Config | None = None) -> dict[str, float]:
     data = load_data(cfg)
     if data.num_classes != card["num_classes"]:
         raise ConfigError(f"the model has {card['num_classes']} classes but the data set has {data.num_classes}")
-    return evaluate_model(model, data.val, card["mean"], card["std"], cfg.data.eval_batch_size,
-                          num_workers=cfg.data.num_workers)
+    workers = cfg.data.num_workers
+    metrics = evaluate_model(model, data.val, card["mean"], card["std"], cfg.data.eval_batch_size, num_workers=workers)
+    if isinstance(model, Cohort):  # several networks: each one, and their ensemble
+        for i, name in enumerate(model.names):
+            member = evaluate_model(model.member(i), data.val, card["mean"], card["std"], cfg.data.eval_batch_size,
+                                    num_workers=workers)
+            metrics[f"top1/{name}"] = member["top1"]
+        ensemble = _Ensemble(model)
+        metrics["top1/ensemble"] = evaluate_model(ensemble, data.val, card["mean"], card["std"],
+                                                  cfg.data.eval_batch_size, num_workers=workers)["top1"]
+    return metrics
+
+
+class _Ensemble(torch.nn.Module):
+    """A cohort's ensemble (mean logits of every network), whatever the cohort deploys."""
+
+    def __init__(self, cohort: Cohort):
+        super().__init__()
+        self.cohort = cohort
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return Cohort.ensemble(self.cohort.forward_all(x))
 
 
 class WithPreprocessing(torch.nn.Module):
@@ -372,6 +403,10 @@ def export(path: str | Path, out: str | Path, onnx: bool = False, onnx_preproces
     onnx = onnx or onnx_preprocess
     out, card_path, onnx_path = export_paths(out, onnx)  # three distinct files, checked before reading
     model, card = load_from_run(path)
+    if isinstance(model, Cohort):  # several networks: what the run deploys
+        model, name, kwargs = model.deployed()
+        if name is not None:
+            card = {**card, "model": name, "model_kwargs": kwargs}
     for target in (out, card_path, onnx_path):
         if target is not None:
             remove_dead_temporaries(target)  # left by an export that was killed while writing

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from kdistill.features import TappedModel
+from kdistill.optim import ParamGroup
 from kdistill.typed import build_dataclass
 from kdistill.utils import ConfigError, unknown_name_error
 
@@ -65,13 +66,16 @@ class RunFacts:
     """What the run knows before training that a method may need to size itself.
 
     ``input_size`` C×H×W of one image; ``num_samples`` training-set size (CRD's memory bank has one
-    row per sample); ``num_classes``; ``max_epochs``. ``None`` means unknown (e.g. your own loop).
+    row per sample); ``num_classes``; ``max_epochs``; ``train_targets`` the class of every training
+    sample, by dataset index (contrastive methods draw negatives of other classes). ``None`` means
+    unknown (e.g. your own loop).
     """
 
     input_size: tuple[int, int, int] = (3, 32, 32)
     num_samples: int | None = None
     num_classes: int | None = None
     max_epochs: int | None = None
+    train_targets: Tensor | None = field(default=None, repr=False, compare=False)
 
 
 def check_weight(name: str, value: float) -> float:
@@ -179,6 +183,7 @@ class Method(nn.Module):
 
     name: ClassVar[str] = ""
     Options: ClassVar[type[MethodOptions]] = MethodOptions
+    needs_teacher: ClassVar[bool] = True  # False: trains from the labels alone or online (``kdistill train``)
 
     def __init__(
         self,
@@ -261,6 +266,17 @@ class Method(nn.Module):
         self, batch: Batch, student: ModelOutput, teachers: Sequence[ModelOutput], info: StepInfo
     ) -> dict[str, Tensor] | None:
         """Losses of a separate own step before the student step (``student`` detached), or ``None``."""
+        return None
+
+    # --- several trainable networks (online methods) -------------------------------------------
+    def param_groups(self) -> list[ParamGroup] | None:
+        """One optimizer per group (a network, or some of the method's modules), or ``None``.
+
+        ``None`` (default): one optimizer over the student and the method's modules. A list: the step
+        builds one optimizer per ``ParamGroup`` (``kdistill.optim``), all on the run's schedule, and steps
+        them in list order after the backward pass of the summed losses. The groups must cover every
+        trained parameter exactly once (own-optimizer parameters excepted).
+        """
         return None
 
     def forward(

@@ -40,6 +40,7 @@ class CE(Method):
 
     name = "ce"
     Options = CEOptions
+    needs_teacher = False
     options: CEOptions
 
     def build(self, student: TappedModel, teachers: list[TappedModel]) -> None:
