@@ -264,7 +264,17 @@ def make_shard_loader(
     with_params: bool = False,
     num_nodes: int = 1,
 ) -> ShardLoader:
-    """A ``ShardLoader`` over rank ``rank``'s share of ``dataset``."""
+    """A ``ShardLoader`` over rank ``rank``'s share of ``dataset``.
+
+    LitData hands whole batches to the ranks (the remainder to the last one): a split of fewer than ``world_size``
+    batches leaves some ranks with nothing, which Lightning cannot run, so that is refused with the batch size to use.
+    """
+    n = dataset.split_size
+    if world_size > 1 and n // batch_size < world_size:
+        key = "data.batch_size" if dataset.train else "data.eval_batch_size"
+        raise ConfigError(f"{n} {'training' if dataset.train else 'evaluation'} samples in batches of {batch_size} "
+                          f"leave some of the {world_size} processes without a batch (shards are shared out by whole "
+                          f"batches): set {key} to at most {n // world_size}")
     dataset.set_distributed(rank, world_size, num_nodes)
     return ShardLoader(dataset, batch_size, num_workers, with_params=with_params, progress=progress)
 
