@@ -167,6 +167,7 @@ RULES: dict[str, Rule] = {
     "data.train_per_class": integer(1, 100_000_000),
     "data.val_per_class": integer(1, 100_000_000),
     "data.batch_size": integer(1, 1_000_000),
+    "data.samples_per_class": integer(1, 1_000_000),
     "data.eval_batch_size": integer(1, 1_000_000),
     "data.num_workers": integer(0, 1024),
     "data.download": free,

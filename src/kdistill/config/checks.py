@@ -75,6 +75,10 @@ def validate(cfg: Config) -> None:
     if cfg.data.transform == "imagenet" and (cfg.data.name not in ("imagefolder", "shards") or cfg.data.image_size is None):
         raise ConfigError("data.transform=imagenet needs data.name=imagefolder or shards and data.image_size (the crop side, "
                           f"e.g. 224); got data.name={cfg.data.name}, data.image_size={cfg.data.image_size}")
+    m = cfg.data.samples_per_class
+    if m is not None and m >= 1 and cfg.data.batch_size % m:
+        raise ConfigError(f"data.samples_per_class={m} must divide data.batch_size={cfg.data.batch_size} "
+                          "(a batch is batch_size / samples_per_class groups of one class each)")
     if cfg.optim.nesterov and cfg.optim.momentum == 0:
         raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
     if not 0 < cfg.optim.gamma <= 1:

@@ -27,6 +27,7 @@ class DataConfig:
     train_per_class: int | None = None  # train on this many images of every class (chosen by data.seed)
     val_per_class: int | None = None  # validate on at most this many images of every class (chosen by data.seed)
     batch_size: int = 64  # training batch size per device
+    samples_per_class: int | None = None  # training batches of this many images of each of their classes (m-per-class sampling; in-batch MCL: 2); must divide batch_size
     eval_batch_size: int = 256  # validation batch size
     num_workers: int = 0  # data loader worker processes
     download: bool = False  # download CIFAR into data.root when missing

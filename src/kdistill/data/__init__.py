@@ -21,7 +21,7 @@ from kdistill.data.streaming import (
     scan_folder,
 )
 from kdistill.data.synthetic import make_synthetic
-from kdistill.data.tensors import BatchAugment, BatchSampler, ImageTensors
+from kdistill.data.tensors import BatchAugment, BatchSampler, ClassBalancedBatchSampler, ImageTensors
 from kdistill.data.tensors import make_loader as make_tensor_loader
 from kdistill.data.transforms import TRANSFORMS, ImageTransform, build_transform
 from kdistill.utils import ConfigError, unknown_name_error
@@ -236,13 +236,19 @@ def make_loader(
     num_workers: int = 0,
     progress: Any = None,
     loader_class: type[torch.utils.data.DataLoader] = torch.utils.data.DataLoader,
+    samples_per_class: int | None = None,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader yielding ``(uint8 images, targets, indices)``: one index operation per batch for in-memory
     tensors, per-sample decoding in ``num_workers`` processes (resumable mid-epoch) for image folders and shards.
     A training split that cuts the stored crops of a teacher cache (``views``) also yields each batch's crops.
-    ``loader_class`` is the DataLoader class of in-memory tensors (a resumable one for training)."""
+    ``loader_class`` is the DataLoader class of in-memory tensors (a resumable one for training);
+    ``samples_per_class`` m makes training batches of m images per class (in-memory tensors only)."""
     if isinstance(data, ImageTensors):
-        return make_tensor_loader(data, batch_size, train, seed, rank, world_size, num_workers, loader_class)
+        return make_tensor_loader(data, batch_size, train, seed, rank, world_size, num_workers, loader_class,
+                                  samples_per_class)
+    if train and samples_per_class:
+        raise ConfigError("data.samples_per_class needs the training set in memory (data.in_memory=true or auto, "
+                          "not shards or a streamed folder)")
     if getattr(data, "is_shards", False):  # LitData shards: LitData splits them by rank and worker
         from kdistill.data.shards import make_shard_loader
 
@@ -262,6 +268,7 @@ __all__ = [
     "StreamingLoader",
     "BatchAugment",
     "BatchSampler",
+    "ClassBalancedBatchSampler",
     "DataBundle",
     "ImageTensors",
     "build_data",

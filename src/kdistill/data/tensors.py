@@ -108,7 +108,8 @@ class BatchSampler(torch.utils.data.Sampler[list[int]]):
         n = self._per_rank()
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def _rank_order(self) -> Tensor:
+        """This rank's sample indices of the current epoch, in batch order."""
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.size, generator=g)
@@ -118,7 +119,11 @@ class BatchSampler(torch.utils.data.Sampler[list[int]]):
         total = n * self.world_size
         if total > self.size:  # pad by wrapping so every rank has n samples
             order = torch.cat([order, order[: total - self.size]])
-        mine = order[:total][self.rank :: self.world_size]
+        return order[:total][self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        mine = self._rank_order()
+        n = len(mine)
         skip = 0
         if self.resume_at is not None:
             if self.resume_at[0] == self.epoch:
@@ -131,6 +136,52 @@ class BatchSampler(torch.utils.data.Sampler[list[int]]):
             yield chunk.tolist()
 
 
+class ClassBalancedBatchSampler(BatchSampler):
+    """Training batches of ``batch_size / m`` groups of ``m`` samples of one class each (``m`` =
+    ``samples_per_class``), so every class present in a batch has at least ``m`` samples: the
+    m-per-class sampling of supervised contrastive losses over the batch (in-batch MCL).
+
+    Each epoch (seeded by ``seed + epoch``) every class's rows are shuffled and cut into groups of
+    ``m``; a class whose size is not a multiple of ``m`` completes its last group with rows of its
+    own drawn again. The groups are shuffled and dealt to the ranks in turn; a rank's last
+    incomplete batch is dropped. ``resume`` skips batches as ``BatchSampler`` does.
+    """
+
+    def __init__(self, labels: Tensor, batch_size: int, samples_per_class: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        m = int(samples_per_class)
+        if m < 1 or batch_size % m:
+            raise ValueError(f"batch_size {batch_size} must be a multiple of samples_per_class {samples_per_class}")
+        self.labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        super().__init__(len(self.labels), batch_size, shuffle=True, drop_last=True, seed=seed, rank=rank,
+                         world_size=world_size)
+        self.samples_per_class = m
+        counts = torch.bincount(self.labels)
+        self.num_groups = int(((counts + m - 1) // m).sum())
+        if self.num_groups // world_size < batch_size // m:
+            raise ValueError(f"{len(self.labels)} samples make {self.num_groups} groups of {m}: fewer than one batch "
+                             f"of {batch_size} per process")
+
+    def __len__(self) -> int:
+        return (self.num_groups // self.world_size) // (self.batch_size // self.samples_per_class)
+
+    def _rank_order(self) -> Tensor:
+        m = self.samples_per_class
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        groups = []
+        for c in torch.unique(self.labels).tolist():
+            rows = torch.nonzero(self.labels == c).flatten()
+            rows = rows[torch.randperm(len(rows), generator=g)]
+            short = -len(rows) % m
+            if short:
+                rows = torch.cat([rows, rows[torch.randint(len(rows), (short,), generator=g)]])
+            groups.append(rows.view(-1, m))
+        order = torch.cat(groups)
+        order = order[torch.randperm(len(order), generator=g)]
+        per_rank = len(order) // self.world_size
+        return order[: per_rank * self.world_size][self.rank :: self.world_size].reshape(-1)
+
+
 def make_loader(
     data: ImageTensors,
     batch_size: int,
@@ -140,10 +191,16 @@ def make_loader(
     world_size: int = 1,
     num_workers: int = 0,
     loader_class: type[torch.utils.data.DataLoader] = torch.utils.data.DataLoader,
+    samples_per_class: int | None = None,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader (``loader_class``) yielding ``(uint8 images, targets, indices)`` batches from ``data``."""
-    sampler = BatchSampler(len(data), batch_size, shuffle=train, drop_last=train and len(data) >= batch_size,
-                           seed=seed, rank=rank, world_size=world_size)
+    """A DataLoader (``loader_class``) yielding ``(uint8 images, targets, indices)`` batches from ``data``;
+    training batches of ``samples_per_class`` images per class (``ClassBalancedBatchSampler``) when given."""
+    sampler: BatchSampler
+    if train and samples_per_class:
+        sampler = ClassBalancedBatchSampler(data.targets, batch_size, samples_per_class, seed, rank, world_size)
+    else:
+        sampler = BatchSampler(len(data), batch_size, shuffle=train, drop_last=train and len(data) >= batch_size,
+                               seed=seed, rank=rank, world_size=world_size)
     # its own generator: creating an iterator then draws no number from the global RNG, so a resumed
     # run's augmentations (global RNG, restored from the checkpoint) match an uninterrupted run's
     return loader_class(data, batch_size=None, sampler=sampler, num_workers=num_workers,

@@ -25,12 +25,14 @@ class TensorDataModule(L.LightningDataModule):
 
         if isinstance(self.data.train, ImageTensors):
             loader = make_loader(self.data.train, self.cfg.data.batch_size, True, self.cfg.seed,
-                                 t.global_rank, t.world_size, self.cfg.data.num_workers, loader_class=ResumableLoader)
+                                 t.global_rank, t.world_size, self.cfg.data.num_workers, loader_class=ResumableLoader,
+                                 samples_per_class=self.cfg.data.samples_per_class)
             loader.progress = progress
             return loader
         # a streamed loader records the batches training consumed (it runs ahead by its prefetch) to resume mid-epoch
         return make_loader(self.data.train, self.cfg.data.batch_size, True, self.cfg.seed,
-                           t.global_rank, t.world_size, self.cfg.data.num_workers, progress=progress)
+                           t.global_rank, t.world_size, self.cfg.data.num_workers, progress=progress,
+                           samples_per_class=self.cfg.data.samples_per_class)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
         t = self.trainer

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kdistill.models.cohort import Cohort
 from kdistill.step import _fp32_linear_forward, classifier_head
 from kdistill.utils import ConfigError
 
@@ -41,15 +42,17 @@ def resolve_teacher_precision(teacher_precision: str, trainer_precision: str, ac
 
 
 def float32_classifier(model: nn.Module, enabled: bool = True) -> None:
-    """Run ``model``'s classifier (``classifier_head``) in float32 under autocast, or undo it.
+    """Run ``model``'s classifier (``classifier_head``) in float32 under autocast, or undo it; for a
+    cohort of networks (online methods), every member's classifier.
 
     The replacement is an instance attribute of the layer: parameters, state dict and exports are
     unchanged, and without autocast the layer computes exactly what ``nn.Linear`` does.
     """
-    head = classifier_head(model)
-    if head is None:
-        return
-    if enabled:
-        head.forward = _fp32_linear_forward.__get__(head)
-    elif "forward" in head.__dict__:
-        del head.forward
+    for net in model.members if isinstance(model, Cohort) else [model]:
+        head = classifier_head(net)
+        if head is None:
+            continue
+        if enabled:
+            head.forward = _fp32_linear_forward.__get__(head)
+        elif "forward" in head.__dict__:
+            del head.forward

@@ -215,7 +215,8 @@ def _fit(cfg: Config, resume: bool, built: Built | None, out: Path, run: Any) ->
     stop = StopOnSignal(out / "checkpoints" / "last.ckpt")
     trainer = make_trainer(cfg, out, [history, speed, stop, RecordConfig(cfg.to_dict())])
     world = max(1, trainer.world_size)
-    module.steps_per_epoch = len(make_loader(built.data.train, cfg.data.batch_size, True, world_size=world))
+    module.steps_per_epoch = len(make_loader(built.data.train, cfg.data.batch_size, True, world_size=world,
+                                             samples_per_class=cfg.data.samples_per_class))
     ckpt_path = None
     if resume:
         # the checkpoint and every changed setting are checked before the folder is written to

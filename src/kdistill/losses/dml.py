@@ -7,9 +7,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from kdistill.losses._common import float32_loss
 from kdistill.losses.kd import kd_loss
 
 
+@float32_loss
 def mutual_kl(logits: Sequence[Tensor], temperature: float = 1.0) -> Tensor:
     """Each network's mimicry term of DML (paper eq. 10): ``1/(K-1) Σ_{l≠k} T²·KL(sg p_l ‖ p_k)``.
 

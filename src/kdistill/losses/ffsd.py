@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdistill.losses._common import float32_loss
 
+
+@float32_loss
 def attention_map(feature: Tensor) -> Tensor:
     """``a(F) = 1/C Σ_c F_c²`` of a B×C×H×W map (not normalised): B×H×W."""
     if feature.dim() != 4:
@@ -21,6 +24,7 @@ def attention_map(feature: Tensor) -> Tensor:
     return feature.float().pow(2).mean(1)
 
 
+@float32_loss
 def normalized_distance(x: Tensor, y: Tensor) -> Tensor:
     """``D(x, y) = mean((vec x/‖vec x‖ - vec y/‖vec y‖)²)``, each sample flattened and L2-normalised."""
     if x.shape != y.shape:
@@ -30,6 +34,7 @@ def normalized_distance(x: Tensor, y: Tensor) -> Tensor:
     return (a - b).pow(2).mean()
 
 
+@float32_loss
 def diversity_target(attention: Tensor) -> Tensor:
     """The map a common student's attention is pushed towards, from its predecessor's ``attention``.
 
@@ -47,6 +52,7 @@ def diversity_target(attention: Tensor) -> Tensor:
     return torch.where(y_hat < theta, y_hat, torch.where(y_hat > theta, c - y_hat, half))
 
 
+@float32_loss
 def diversity_loss(attention: Tensor, previous_attention: Tensor) -> Tensor:
     """``Div = mean((normalise(a_i) - target(sg a_{i-1}))²)`` on B×H×W attention maps."""
     target = diversity_target(previous_attention)

@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdistill.losses._common import float32_loss, upcast
 from kdistill.losses.memory import MemoryBank
 
 
+@float32_loss
 def knn_graph(logits: Tensor, k: int = 8) -> Tensor:
     """Adjacency ``A`` (B×B, float 0/1): ``A[i, j] = 1`` when ``j`` is among the ``k`` nearest
     neighbours of ``i`` by cosine distance between the softmax outputs; each node is its own
@@ -49,9 +51,12 @@ class GraphConv1Hop(nn.Module):
 
     def forward(self, h: Tensor, adjacency: Tensor) -> Tensor:
         propagated = normalized_adjacency(adjacency).to(h.dtype) @ h
-        return F.normalize(self.linear(torch.cat([h, propagated], dim=1)), dim=1)
+        z = self.linear(torch.cat([h, propagated], dim=1))
+        with torch.autocast(z.device.type, enabled=False):  # the normalisation in float32 under mixed precision
+            return F.normalize(upcast(z), dim=1)
 
 
+@float32_loss
 def memory_infonce(anchor: Tensor, positive: Tensor, bank: Tensor, negatives: Tensor, temperature: float = 0.07) -> Tensor:
     """InfoNCE with the positive first: ``-1/B Σ_b log e^{a·p/τ} / (e^{a·p/τ} + Σ_k e^{a·bank[n_bk]/τ})``.
 
@@ -64,6 +69,7 @@ def memory_infonce(anchor: Tensor, positive: Tensor, bank: Tensor, negatives: Te
     return F.cross_entropy(logits, torch.zeros(a.shape[0], dtype=torch.long, device=a.device))
 
 
+@float32_loss
 def hkd_losses(
     emb_student: Tensor,
     emb_teacher: Tensor,
@@ -83,14 +89,14 @@ def hkd_losses(
     embeddings are given): anchor ``g^S_b``, positive ``sg normalise(mix·M^T[i_b] + (1-mix)·g^T_b)``,
     negatives ``M^S[n]``; plus its mirror. Banks are read, not updated.
     """
-    pos_t, pos_s = memory_teacher[index], memory_student[index]
+    pos_t, pos_s = memory_teacher[index].float(), memory_student[index].float()
     losses = {
         "individual": memory_infonce(emb_student, pos_t, memory_student, negatives, temperature)
         + memory_infonce(emb_teacher, pos_s, memory_teacher, negatives, temperature)
     }
     if graph_student is not None and graph_teacher is not None:
-        target_s = F.normalize(mix * pos_t + (1 - mix) * graph_teacher.to(pos_t.dtype), dim=1).detach()
-        target_t = F.normalize(mix * pos_s + (1 - mix) * graph_student.to(pos_s.dtype), dim=1).detach()
+        target_s = F.normalize(mix * pos_t + (1 - mix) * upcast(graph_teacher), dim=1).detach()
+        target_t = F.normalize(mix * pos_s + (1 - mix) * upcast(graph_student), dim=1).detach()
         losses["holistic"] = memory_infonce(graph_student, target_s, memory_student, negatives, temperature) + memory_infonce(
             graph_teacher, target_t, memory_teacher, negatives, temperature
         )

@@ -16,11 +16,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from kdistill.losses._common import float32_loss
 from kdistill.losses.crd import crd_nce_loss
 from kdistill.losses.kd import kd_loss
 from kdistill.losses.memory import MemoryBank
 
 
+@float32_loss
 def supcon_matrix_loss(similarity: Tensor, targets: Tensor, diagonal_positive: bool = False) -> Tensor:
     """Supervised contrastive loss of a B×B similarity matrix ``S`` (already divided by τ).
 
@@ -49,6 +51,7 @@ def supcon_matrix_loss(similarity: Tensor, targets: Tensor, diagonal_positive: b
     return -per_anchor.mean()
 
 
+@float32_loss
 def mcl_losses(
     embeddings: Sequence[Tensor],
     targets: Tensor,
@@ -79,6 +82,7 @@ def mcl_losses(
     return {"vcl": vcl, "soft_vcl": soft_vcl, "icl": icl, "soft_icl": soft_icl}
 
 
+@float32_loss
 def mcl_okd_nce(
     embeddings: Sequence[Tensor], memory: MemoryBank, contrast_index: Tensor, temperature: float = 0.1
 ) -> Tensor:
@@ -95,13 +99,12 @@ def mcl_okd_nce(
         raise ValueError(f"need >= 2 branches and one bank per branch, got {n} embeddings and banks {list(memory.bank_names)}")
     idx = contrast_index.to(memory.bank(memory.bank_names[0]).device, torch.long)
     total = embeddings[0].new_zeros((), dtype=torch.float32)
-    with torch.autocast(device_type=idx.device.type, enabled=False):
-        for i in range(n):
-            bank = memory.bank(memory.bank_names[i]).float()
-            for j in range(n):
-                if i == j:
-                    continue
-                scores = torch.exp(memory.dot(bank, idx, embeddings[j].float()) / temperature)
-                z = scores.mean().detach() * memory.num_data
-                total = total + crd_nce_loss(scores / z, memory.num_data)
+    for i in range(n):
+        bank = memory.bank(memory.bank_names[i]).float()
+        for j in range(n):
+            if i == j:
+                continue
+            scores = torch.exp(memory.dot(bank, idx, embeddings[j].float()) / temperature)
+            z = scores.mean().detach() * memory.num_data
+            total = total + crd_nce_loss(scores / z, memory.num_data)
     return total

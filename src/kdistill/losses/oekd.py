@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdistill.losses._common import float32_loss, upcast
 from kdistill.losses.kd import kd_loss
 
 
@@ -39,7 +40,7 @@ def oekd_widths(widths: Sequence[int], num_students: int, num_blocks: int | None
 
 def ensemble_logits(logits: Sequence[Tensor], weights: Tensor | None = None) -> Tensor:
     """The ensemble teacher ``z_E = Σ_j w_j z_j``; uniform ``w_j = 1/N`` when ``weights`` is None."""
-    stacked = torch.stack(list(logits))
+    stacked = torch.stack([upcast(z) for z in logits])
     if weights is None:
         return stacked.mean(0)
     if weights.shape != (stacked.shape[0],):
@@ -47,6 +48,7 @@ def ensemble_logits(logits: Sequence[Tensor], weights: Tensor | None = None) -> 
     return torch.einsum("n,nbc->bc", weights.to(stacked.dtype), stacked)
 
 
+@float32_loss
 def oekd_loss(
     logits: Sequence[Tensor],
     targets: Tensor,
@@ -67,7 +69,7 @@ def oekd_loss(
     """
     ensemble = ensemble_logits(logits, weights).detach()
     losses = {
-        "ce": alpha * sum(F.cross_entropy(z, targets) for z in logits),
+        "ce": alpha * sum(F.cross_entropy(upcast(z), targets) for z in logits),
         "kd": gamma * sum(kd_loss(z, ensemble, temperature) for z in logits),
     }
     if features:
@@ -79,6 +81,7 @@ def oekd_loss(
         terms = []
         for stage, target in enumerate(features[0]):
             for j in range(1, len(logits)):
-                terms.append(F.mse_loss(adapters[j - 1][stage](features[j][stage]).float(), target.detach().float()))
+                adapted = adapters[j - 1][stage](upcast(features[j][stage]))  # in float32, as the whole loss
+                terms.append(F.mse_loss(adapted, upcast(target.detach())))
         losses["feature"] = beta * torch.stack(terms).sum()
     return losses

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from kdistill.features import TappedModel
 from kdistill.losses import ContrastSampler, MemoryBank, kd_loss, mcl_losses, mcl_okd_nce
+from kdistill.losses._common import upcast
 from kdistill.losses.crd import Embed
 from kdistill.losses.memory import SAMPLING_MODES
 from kdistill.methods._cohort import member_groups, require_cohort
@@ -47,7 +48,9 @@ class ProjectionHead(nn.Module):
         self.net = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU(), nn.Linear(dim, dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.normalize(self.net(torch.flatten(x, 1)), dim=1)
+        z = self.net(torch.flatten(x, 1))
+        with torch.autocast(z.device.type, enabled=False):  # the normalisation in float32 under mixed precision
+            return F.normalize(upcast(z), dim=1)
 
 
 @dataclass
