@@ -315,7 +315,7 @@ def modes_section(by_method: dict[str, list[dict]]) -> list[str]:
              "then, so each mode is compared, seed by seed, with the eager rerun of the same seed and kernels. Train "
              "images/s were measured on a shared machine: compare them within a method only.", "",
              "| method | mode | kernels | seeds | top-1 last (%) | top-1 best (%) | top-1 last per seed | "
-             "Δ last vs eager (rerun), same seeds and kernels | train images/s |",
+             "Δ last vs eager (rerun), mean over the seeds both ran with the same kernels | train images/s |",
              "|---|---|---|---|---|---|---|---|---|"]
 
     def mean(values: list[float]) -> float:
@@ -330,7 +330,8 @@ def modes_section(by_method: dict[str, list[dict]]) -> list[str]:
             # rows that predate the kernels field pair with nothing
             eager = {(r["seed"], r["kernels"]): r["top1_last"] for r in by_method.get(f"{method}@eager", []) if "kernels" in r}
             pairs = [r["top1_last"] - eager[r["seed"], r["kernels"]] for r in rs if (r["seed"], r.get("kernels")) in eager]
-            delta = "—" if name in (method, f"{method}@eager") or not pairs else f"{mean(pairs):+.2f} (n={len(pairs)})"
+            delta = ("—" if name in (method, f"{method}@eager") or not pairs else
+                     f"{mean(pairs):+.2f}" + (f" (per seed {', '.join(f'{d:+.2f}' for d in pairs)})" if len(pairs) > 1 else ""))
             mode = {"": "eager (the row above)", "eager": "eager (rerun)"}.get(name.partition("@")[2], name.partition("@")[2])
             per_seed = ", ".join(f"{r['top1_last']:.2f}" for r in rs)
             lines.append(f"| {method} | {mode} | {', '.join(ks)} | {', '.join(str(r['seed']) for r in rs)} | "

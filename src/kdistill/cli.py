@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -120,6 +121,9 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
         return 0
     if not cfg.teachers:
         raise ConfigError("kdistill cache-teacher needs a teacher: set teachers (or teacher.model=... teacher.checkpoint=...)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("kdistill cache-teacher runs in one process (it labels every training sample, and every "
+                          "rank of a DDP run then reads the same cache); run it without torchrun")
     import lightning as L
     import torch
 

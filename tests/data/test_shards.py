@@ -120,6 +120,22 @@ def test_ddp_ranks_and_workers_read_disjoint_samples_covering_the_split(packed_s
     assert sorted(val) == sorted(set(range(VAL)) - {4})  # every readable val sample exactly once
 
 
+def test_a_split_too_small_for_every_rank_to_get_a_batch_is_refused(packed_shards: tuple[Path, Path]) -> None:
+    from kdistill.data.shards import make_shard_loader
+
+    _, out = packed_shards
+    train, val, _ = open_shards(str(out), build_transform("imagenet", 16))
+    # 10 val samples, 2 ranks: batches of 8 would give rank 0 nothing and rank 1 all ten
+    with pytest.raises(ConfigError, match=r"10 evaluation samples in batches of 8 .* set data.eval_batch_size to at most 5"):
+        make_shard_loader(val, 8, rank=0, world_size=2)
+    with pytest.raises(ConfigError, match=r"48 training samples in batches of 32 .* data.batch_size to at most 24"):
+        make_shard_loader(train, 32, rank=1, world_size=2)
+    shares = [[i for _, _, index in make_shard_loader(val, 5, rank=r, world_size=2) for i in index.tolist()]
+              for r in range(2)]
+    assert all(shares) and sorted(shares[0] + shares[1]) == sorted(set(range(VAL)) - {4})
+    assert len(make_shard_loader(val, 16, rank=0, world_size=1)) == 1  # one process takes any batch size
+
+
 RECORDER = """
 import json, os, signal, sys
 from kdistill.engine import module

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,13 @@ def test_cache_teacher_on_shards_then_distill_without_teacher_pass(packed_shards
     finally:
         step.Distiller.teacher_forward = original
     assert calls == []  # every training step took the teachers' outputs from the cache
+    # building under torchrun (every rank would label every sample into the same folder) is refused
+    os.environ["WORLD_SIZE"] = "2"
+    try:
+        assert main(["cache-teacher", *common, "--out", str(tmp_path / "cache2")]) == 2
+    finally:
+        del os.environ["WORLD_SIZE"]
+    assert "runs in one process" in capsys.readouterr().err and not (tmp_path / "cache2").exists()
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["epochs"] == 1
     # a feature method cannot use a logit cache: exit 2 with the reason, before any training
     assert main(["distill", *common, "method.name=fitnet", f"teacher.cache={cache}"]) == 2

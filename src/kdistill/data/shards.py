@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -119,9 +120,13 @@ def pack_folder(
                               f"(only here: {sorted(set(found) - set(classes))[:5]}, "
                               f"missing: {sorted(set(classes) - set(found))[:5]})")
         items = [(i, str(path), label) for i, (path, label) in enumerate(files)]
-        litdata.optimize(fn=_pack_item, inputs=items, output_dir=_join(out, split), chunk_bytes=int(chunk_mb * 2**20),
-                         num_workers=min(workers, len(items)), reorder_files=False, verbose=False,
-                         storage_options=storage_options or {})
+        start_method = multiprocessing.get_start_method(allow_none=True)
+        try:
+            litdata.optimize(fn=_pack_item, inputs=items, output_dir=_join(out, split),
+                             chunk_bytes=int(chunk_mb * 2**20), num_workers=min(workers, len(items)),
+                             reorder_files=False, verbose=False, storage_options=storage_options or {})
+        finally:  # LitData forces the process-wide start method to spawn; DataLoaders started later keep theirs
+            multiprocessing.set_start_method(start_method, force=True)
         meta["splits"][split] = {"count": len(items), "bytes": sum(p.stat().st_size for p, _ in files)}
     _write_meta(out, meta, storage_options)
     return meta
@@ -259,7 +264,17 @@ def make_shard_loader(
     with_params: bool = False,
     num_nodes: int = 1,
 ) -> ShardLoader:
-    """A ``ShardLoader`` over rank ``rank``'s share of ``dataset``."""
+    """A ``ShardLoader`` over rank ``rank``'s share of ``dataset``.
+
+    LitData hands whole batches to the ranks (the remainder to the last one): a split of fewer than ``world_size``
+    batches leaves some ranks with nothing, which Lightning cannot run, so that is refused with the batch size to use.
+    """
+    n = dataset.split_size
+    if world_size > 1 and n // batch_size < world_size:
+        key = "data.batch_size" if dataset.train else "data.eval_batch_size"
+        raise ConfigError(f"{n} {'training' if dataset.train else 'evaluation'} samples in batches of {batch_size} "
+                          f"leave some of the {world_size} processes without a batch (shards are shared out by whole "
+                          f"batches): set {key} to at most {n // world_size}")
     dataset.set_distributed(rank, world_size, num_nodes)
     return ShardLoader(dataset, batch_size, num_workers, with_params=with_params, progress=progress)
 
