@@ -48,6 +48,8 @@ ROWS: dict[str, list[str]] = {
     # diagnostic: HKD with CRD's memory momentum (0.5), to test whether the banks' slow forgetting of their
     # random initialisation at momentum 0.9 explains the hkd row
     "hkd_m05": ["method.name=hkd", "method.options.momentum=0.5"],
+    # diagnostic: HKD with its contrastive terms weighted as CRD's (0.8 instead of 3)
+    "hkd_b08": ["method.name=hkd", "method.options.hkd_weight=0.8"],
 }
 # Execution modes (``<method>@<mode>`` rows): the same run with the step compiled and/or in bf16
 # mixed precision; ``eager`` reruns the plain row under its own name (on the current machine).
