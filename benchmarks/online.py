@@ -9,7 +9,9 @@ with the paper's number of networks:
 * ``dml``: two resnet20 peers (the usual DML setting);
 * ``oekd``: five students on a common stem, widths 16/32/64 down to 3/6/12 (student 1 full width);
   SGD as every other row here (the paper uses Adam);
-* ``mcl``: two resnet20 networks, in-batch contrastive terms;
+* ``mcl``: two resnet20 networks, in-batch contrastive terms, plainly shuffled batches;
+* ``mcl_m2``: the same with batches of two images per class present (``data.samples_per_class=2``, as
+  the authors draw them);
 * ``mcl_okd``: four branches over a shared stem and first stage, memory banks (K = 256);
 * ``ffsd``: two common students and a leader (the deployed network).
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -40,12 +43,14 @@ ROWS: dict[str, list[str]] = {
     "oekd": ["model=online.oekd_resnet", "student.kwargs.depth=20", "student.kwargs.num_students=5",
              "method.name=oekd", "method.options.optimizer=sgd"],
     "mcl": ["model=online.peers", f"student.kwargs.networks=[{R20},{R20}]", "method.name=mcl"],
+    "mcl_m2": ["model=online.peers", f"student.kwargs.networks=[{R20},{R20}]", "method.name=mcl",
+               "data.samples_per_class=2"],
     "mcl_okd": ["model=online.branch_resnet", "student.kwargs.depth=20", "student.kwargs.num_branches=4",
                 "method.name=mcl_okd"],
     "ffsd": ["model=online.peers", f"student.kwargs.networks=[{R20},{R20},{R20}]",
              "student.kwargs.names=[student1,student2,leader]", "student.kwargs.deploy=leader", "method.name=ffsd"],
 }
-DEFAULT_ORDER = ["dml", "ffsd", "oekd", "mcl", "mcl_okd"]
+DEFAULT_ORDER = ["dml", "ffsd", "oekd", "mcl", "mcl_m2", "mcl_okd"]
 # What a reader needs to interpret a row; numbers from the run's own logs (per-epoch means of the logged
 # training steps in runs/bench-online/<row>-seed0/logs/metrics.csv).
 NOTES: dict[str, str] = {
@@ -58,8 +63,44 @@ NOTES: dict[str, str] = {
         "can show. DML's published gains come after 200-300 epochs, when the peers are confident and differ in "
         "their secondary classes."
     ),
+    "oekd": (
+        "**OEKD's deployed student (student 1, the full-width resnet20) below the student alone, and why.** "
+        "Three things work against it at this budget, all in the run's log. (1) Its cross-entropy is weighted α = "
+        "0.7 with the same lr, a 30% smaller step on the only term that carries the labels, in a run that ends far "
+        "from convergence (the five students' weighted CE sum falls 16.3 → 13.7, i.e. 4.65 → 3.93 per student, "
+        "against 3.58 for the student alone in epoch 10). (2) The ensemble teacher is weaker than student 1 (9.70 vs "
+        "10.52 at the end, 9.1 vs 9.5 in epoch 7): it averages in students 4 and 5 (3/6/12 channels: 2.46% top-1), "
+        "so its KD term (γ = 0.15, 0.03 → 0.08) has nothing to teach student 1. (3) The common stem is trained by "
+        "all five students' losses. The paper's claim is about the narrow students against the *same* narrow "
+        "network trained alone, not about student 1; those narrow networks alone are not run here. Student 1 "
+        "tracks the student alone within about a point (above it in epochs 3, 4, 6 and 7, below in the last three: "
+        "10.3, 10.4, 10.5 against 11.0, 11.1, 11.2), one seed."
+    ),
+    "mcl_m2": (
+        "**MCL with batches of two images per class (as the authors draw them) ends lower than with plain batches, "
+        "and why.** net0 9.88 vs 11.10, net1 10.14 vs 10.48, ensemble 11.46 vs 11.72 (one seed each). In both runs "
+        "the supervised contrastive terms stay at chance for all 10 epochs: with uniform similarities C(S) = ln 63 "
+        "= 4.14 per matrix, so VCL and ICL (two matrices each, weight 0.1) sit at 0.83; they end at 0.80-0.81. The "
+        "sampler's purpose, a positive for every anchor, cannot help while the embeddings do not separate classes "
+        "yet. What it does change is that a batch of 64 holds 32 classes instead of about 47, and the networks' "
+        "cross-entropy ends higher: 3.78 per network in epoch 10 against 3.58 with plain batches (and for the "
+        "student alone). The soft terms stay near zero (0.01-0.02) in both runs."
+    ),
+    "mcl_okd": (
+        "**MCL-OKD: every branch learns the labels as fast as the student alone, and the distillation terms are "
+        "too weak here to add anything.** The four branches' cross-entropy sum (γ = 1) falls 18.4 → 14.3, i.e. 4.60 → "
+        "3.58 per branch, exactly the student alone's 3.58 in epoch 10; the branches end at 10.0-10.8 (deployed "
+        "branch 0: 10.78, -0.44 against 11.22, within what one seed shows between identical branches) and their "
+        "ensemble at 11.14. The online distillation term (KL at T = 3 from the detached mean logits, to the last "
+        "branch only) stays at 0.016-0.023: four branches at 10% top-1 on 100 classes give nearly uniform, nearly "
+        "identical distributions, so the mean has nothing to teach. The contrastive term (β = 0.025, 12 branch "
+        "pairs, K = 256 negatives of other classes) does learn: 1.92 → 1.11 weighted (77 → 44 unweighted), the "
+        "banks' momentum 0.5 forgets the random initialisation within a few epochs, but at 1/10 to 1/13 of the "
+        "cross-entropy it barely moves the classifier. The published gains (ResNet-32: 71.09 alone → 75.48 for "
+        "one branch) come after 300 epochs."
+    ),
 }
-DEPLOYED = {"dml": "net0", "oekd": "student1", "mcl": "net0", "mcl_okd": "branch0", "ffsd": "leader"}
+DEPLOYED = {"dml": "net0", "oekd": "student1", "mcl": "net0", "mcl_m2": "net0", "mcl_okd": "branch0", "ffsd": "leader"}
 
 
 def overrides(args: argparse.Namespace, data_root: Path) -> list[str]:
@@ -101,6 +142,12 @@ def unfinished_rows(rows: list[dict], args: argparse.Namespace) -> list[dict]:
     return partial
 
 
+def cpu_minutes(row: dict) -> str:
+    """The run process's CPU time (user + system, all threads) in minutes; rows run before it was
+    recorded show a dash."""
+    return f"{row['cpu_seconds'] / 60:.1f}" if "cpu_seconds" in row else "–"
+
+
 def write_table(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
     alone = alone_row(args)
     base = alone["top1_last"] if alone else None
@@ -115,14 +162,15 @@ def write_table(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
         f"- Reproduce: `python benchmarks/online.py --threads {args.threads} --per-class {args.per_class} "
         f"--epochs {args.epochs}` (resumable; rows cached in the JSON beside this file).",
         "- Top-1 on val at the last epoch (%). *deployed*: the network the run exports; *ensemble*: mean logits of "
-        "every network; Δ: deployed minus resnet20 alone.",
+        "every network; Δ: deployed minus resnet20 alone. *CPU*: the run process's user + system time (recorded "
+        "for rows run since it was added).",
         "",
-        "| row | networks: top-1 last (%) | deployed | ensemble | Δ deployed vs alone | wall (min) | load |",
-        "|---|---|---|---|---|---|---|",
+        "| row | networks: top-1 last (%) | deployed | ensemble | Δ deployed vs alone | wall (min) | CPU (min) | load |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     if alone:
         lines.append(f"| resnet20 alone | resnet20 {alone['top1_last']:.2f} | {alone['top1_last']:.2f} | – | – | "
-                     f"{alone['wall_seconds'] / 60:.1f} | (accuracy harness) |")
+                     f"{alone['wall_seconds'] / 60:.1f} | – | (accuracy harness) |")
     for method in [m for m in DEFAULT_ORDER if any(r["method"] == m for r in rows)]:
         r = next(r for r in rows if r["method"] == method)
         nets = {k: v for k, v in r["networks"].items() if k != "ensemble"}
@@ -130,7 +178,7 @@ def write_table(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
         delta = f"{deployed - base:+.2f}" if base is not None else "n/a"
         shown = ", ".join(f"{k} {v:.2f}" for k, v in nets.items())
         lines.append(f"| {method} | {shown} | {DEPLOYED[method]} {deployed:.2f} | {r['networks']['ensemble']:.2f} | "
-                     f"{delta} | {r['wall_seconds'] / 60:.1f} | {r.get('load', '')} |")
+                     f"{delta} | {r['wall_seconds'] / 60:.1f} | {cpu_minutes(r)} | {r.get('load', '')} |")
     finished = [m for m in DEFAULT_ORDER if any(r["method"] == m for r in rows)]
     partial = unfinished_rows(rows, args)
     for r in partial:
@@ -138,7 +186,7 @@ def write_table(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
         shown = ", ".join(f"{k} {v:.2f}" for k, v in nets.items())
         lines.append(f"| {r['method']} (**unfinished: epoch {r['epochs_done']} of {args.epochs}**) | {shown} | "
                      f"{DEPLOYED[r['method']]} {nets.get(DEPLOYED[r['method']], float('nan')):.2f} | "
-                     f"{r['networks'].get('ensemble', float('nan')):.2f} | not comparable | – | – |")
+                     f"{r['networks'].get('ensemble', float('nan')):.2f} | not comparable | – | – | – |")
     if partial:
         lines += ["", "Unfinished rows: the run did not reach the last epoch before the session ended (the machine "
                   "was shared, load 11-15 on 2 cores); their accuracies are those of the last validated epoch, "
@@ -181,13 +229,17 @@ def main() -> None:
         argv = ["train", *overrides(args, data_root), *ROWS[method], f"data.seed={args.seed}", f"seed={args.seed}",
                 f"output={out}"]
         load = os.getloadavg()
+        cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         resume = (out / "checkpoints" / "last.ckpt").is_file() and not (out / "metrics.json").is_file()
         run_argv = [*argv, "--resume"] if resume else argv  # an interrupted row continues from its last epoch
         metrics, seconds, commit = run_kdistill(run_argv, out, args.threads, f"row {method}")
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
         shown = "kdistill " + " ".join(shlex.quote(a) for a in argv)
         shown = shown.replace(str(data_root), "$KDISTILL_CACHE/data/tiny100-32").replace(str(ROOT) + "/", "")
         uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
         row = {"method": method, "seed": args.seed, "command": shown, "wall_seconds": seconds,
+               **({"cpu_seconds": cpu} if commit else {}),  # a reused finished run has no CPU time here
                **({"commit": commit} if commit else {}), "threads": args.threads,
                "budget": {"per_class": args.per_class, "epochs": args.epochs},
                "load": f"{load[0]:.1f} at start; {uptime.split('load average:')[-1].strip()} at end",

@@ -29,6 +29,11 @@ Each row is cached in ``<out>.json`` (resumable); ``<out>.md`` is rewritten afte
 channels-last; ``speed_modes.py``) and writes ``speed-modes-cpu.md``:
 
     python benchmarks/speed.py --modes eager,eager+bf16,compiled,compiled+bf16 --methods kd,dkd,reviewkd,crd,meal_v2 --cache-check kd
+
+``--online`` times the online methods' steps against their networks trained alone (``speed_online.py``)
+and writes ``speed-online-cpu.md``:
+
+    python benchmarks/speed.py --online dml,oekd,mcl,mcl_okd,ffsd
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ def main() -> None:
                         "eager,eager+bf16,compiled,compiled+bf16,compiled+bf16+cl")
     parser.add_argument("--cache-check", default="", help="with --modes: methods whose compile is repeated in a second "
                         "process with the same Inductor cache (what a resumed run pays)")
+    parser.add_argument("--online", help="time these online methods against their networks trained alone "
+                        "(speed_online.py), e.g. dml,oekd,mcl,mcl_okd,ffsd")
     parser.add_argument("--compile-cache", help=argparse.SUPPRESS)
     parser.add_argument("--row", nargs=2, metavar=("PAIR", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -81,7 +88,11 @@ def main() -> None:
 
             keep_freed_memory()  # as the engine does on CPU
         pair, method = args.row
-        if method.endswith("@modes"):
+        if method.endswith("@online"):
+            from speed_online import measure_online
+
+            result = measure_online(method.split("@")[0], args)
+        elif method.endswith("@modes"):
             from speed_modes import measure_modes
 
             name = method.split("@")[0]
@@ -94,6 +105,8 @@ def main() -> None:
         return
     if args.modes and args.out == str(RESULTS / "speed-cpu"):
         args.out = str(RESULTS / "speed-modes-cpu")
+    if args.online and args.out == str(RESULTS / "speed-cpu"):
+        args.out = str(RESULTS / "speed-online-cpu")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     store = out.with_suffix(".json")
@@ -115,8 +128,12 @@ def main() -> None:
         from speed_modes import measure_cache, write_modes_report
 
         report = write_modes_report
-    for pair in args.pairs.split(","):
-        methods = args.methods.split(",")
+    if args.online:
+        from speed_online import write_online_report
+
+        report = write_online_report
+    for pair in ["cohort"] if args.online else args.pairs.split(","):
+        methods = [f"{m}@online" for m in args.online.split(",")] if args.online else args.methods.split(",")
         if args.modes:
             methods = [f"{m}@modes" for m in methods] + [f"{m}@compile-cache" for m in args.cache_check.split(",") if m]
         for method in methods:

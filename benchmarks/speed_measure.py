@@ -61,6 +61,7 @@ METHODS = {
     "nst": {},
     "vid": {},
     "meal_v1": {},
+    "hkd": {"num_samples": 50_000},
 }
 
 NUM_CLASSES = 100

@@ -43,7 +43,7 @@ def test_modes_pair_seeds_and_kernels(accuracy) -> None:
     assert cells["eager (rerun)"][2:7] == ["AVX512", "0, 1", "17.00", "17.50", "16.00, 18.00"]
     comp = cells["compiled+bf16"]
     assert comp[3:5] == ["0, 1, 2", "18.50"]  # mean over its three seeds
-    assert comp[7] == "+0.75 (n=2)"  # ((17.0 - 16.0) + (18.5 - 18.0)) / 2
+    assert comp[7] == "+0.75 (per seed +1.00, +0.50)"  # ((17.0 - 16.0) + (18.5 - 18.0)) / 2
     assert cells["bf16"][7] == "—" and cells["eager (the row above)"][2] == "AVX2"
 
 

@@ -158,6 +158,8 @@ class ClassBalancedBatchSampler(BatchSampler):
         self.samples_per_class = m
         counts = torch.bincount(self.labels)
         self.num_groups = int(((counts + m - 1) // m).sum())
+        # the rows of every class present, found once
+        self.class_rows = [r for r in torch.argsort(self.labels, stable=True).split(counts.tolist()) if len(r)]
         if self.num_groups // world_size < batch_size // m:
             raise ValueError(f"{len(self.labels)} samples make {self.num_groups} groups of {m}: fewer than one batch "
                              f"of {batch_size} per process")
@@ -169,8 +171,7 @@ class ClassBalancedBatchSampler(BatchSampler):
         m = self.samples_per_class
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         groups = []
-        for c in torch.unique(self.labels).tolist():
-            rows = torch.nonzero(self.labels == c).flatten()
+        for rows in self.class_rows:
             rows = rows[torch.randperm(len(rows), generator=g)]
             short = -len(rows) % m
             if short:
