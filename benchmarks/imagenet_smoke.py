@@ -117,7 +117,7 @@ def main() -> None:
         rows[name] = {"returncode": proc.returncode, "seconds": round(seconds, 1), "cpu_seconds": round(cpu_seconds, 1),
                       "load_avg_1_5_15": [round(x, 2) for x in load], "recipe_fingerprint": fingerprint,
                       "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "weights_files": [c for _, c in files],
-                      "teachers_without_file": missing_teacher_files, "command": "kdistill " + shlex.join(argv),
+                      "teachers_without_file": missing_teacher_files, "command": shown("kdistill " + shlex.join(argv)),
                       "epochs": metrics.get("epochs"), "train_images_per_s": metrics.get("train_images_per_s"),
                       "tail": (proc.stdout + proc.stderr).strip().splitlines()[-3:]}
         print(name, rows[name]["returncode"], f"{seconds:.0f}s", flush=True)

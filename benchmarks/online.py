@@ -76,6 +76,16 @@ NOTES: dict[str, str] = {
         "tracks the student alone within about a point (above it in epochs 3, 4, 6 and 7, below in the last three: "
         "10.3, 10.4, 10.5 against 11.0, 11.1, 11.2), one seed."
     ),
+    "mcl_m2": (
+        "**MCL with batches of two images per class (as the authors draw them) ends lower than with plain batches, "
+        "and why.** net0 9.88 vs 11.10, net1 10.14 vs 10.48, ensemble 11.46 vs 11.72 (one seed each). In both runs "
+        "the supervised contrastive terms stay at chance for all 10 epochs: with uniform similarities C(S) = ln 63 "
+        "= 4.14 per matrix, so VCL and ICL (two matrices each, weight 0.1) sit at 0.83; they end at 0.80-0.81. The "
+        "sampler's purpose, a positive for every anchor, cannot help while the embeddings do not separate classes "
+        "yet. What it does change is that a batch of 64 holds 32 classes instead of about 47, and the networks' "
+        "cross-entropy ends higher: 3.78 per network in epoch 10 against 3.58 with plain batches (and for the "
+        "student alone). The soft terms stay near zero (0.01-0.02) in both runs."
+    ),
     "mcl_okd": (
         "**MCL-OKD: every branch learns the labels as fast as the student alone, and the distillation terms are "
         "too weak here to add anything.** The four branches' cross-entropy sum (γ = 1) falls 18.4 → 14.3, i.e. 4.60 → "

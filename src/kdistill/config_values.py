@@ -215,6 +215,7 @@ RULES: dict[str, Rule] = {
     "trainer.channels_last": free,
     "trainer.progress_bar": free,
     "trainer.checkpoint_every_n_steps": integer(1, 100_000_000),
+    "trainer.threads": integer(0, 4096),
 }
 
 

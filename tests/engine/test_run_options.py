@@ -67,3 +67,37 @@ def test_resolved_options_printed_and_written(tmp_path: Path, capsys: pytest.Cap
     assert written["method"]["options"] == {"ce_weight": 1.0, "alpha": 1.0, "beta": 8.0, "temperature": 4.0,
                                             "warmup_epochs": 0}
     assert written["data"]["num_classes"] == 3
+
+
+def test_trainer_threads_hold_for_the_run_and_the_callers_setting_comes_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import kdistill.engine.run as run_module
+
+    seen: list[int] = []
+    real_fit = run_module._fit
+
+    def recording_fit(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "_fit", recording_fit)
+    torch.set_num_threads(1)
+    try:
+        fit(build_config(None, [*TINY, "method.name=ce", "trainer.max_epochs=1", "trainer.threads=2",
+                                f"output={tmp_path / 'two'}"]))
+        assert seen == [2] and torch.get_num_threads() == 1
+        fit(build_config(None, [*TINY, "method.name=ce", "trainer.max_epochs=1", f"output={tmp_path / 'default'}"]))
+        assert seen == [2, 1]  # 0 (the default) leaves the caller's setting alone
+        assert json.loads((tmp_path / "two" / "config.json").read_text())["trainer"]["threads"] == 2
+    finally:
+        torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("value", ["-1", "two", "1.5"])
+def test_trainer_threads_must_be_a_count(value: str) -> None:
+    from kdistill.utils import ConfigError
+
+    with pytest.raises(ConfigError, match="trainer.threads"):
+        build_config(None, [*TINY, f"trainer.threads={value}"])

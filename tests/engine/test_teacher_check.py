@@ -77,3 +77,26 @@ def test_fit_prints_and_stores_the_teachers_accuracy(tmp_path: Path, teacher_fil
     assert stored == [{"model": "cifar.resnet8", "top1": expected["top1"], "top5": expected["top5"]}]
     assert json.loads((tmp_path / "run" / "run.json").read_text())["metrics"]["teachers_val"] == stored
     assert (expected["top1"] <= 37.5) == ("near chance" in err)
+
+
+@pytest.mark.parametrize(("limit", "batches"), [("2", 2), ("0.5", 2), ("0.1", 1)])
+def test_the_score_reads_the_batches_that_validation_reads(tmp_path: Path, teacher_file: Path, limit: str,
+                                                           batches: int) -> None:
+    # 24 val images in batches of 5: 5 batches; the first `batches` of them, scored by hand
+    cfg = build_config(None, [*TINY, f"teacher.checkpoint={teacher_file}", f"output={tmp_path / 'run'}",
+                              f"trainer.limit_val_batches={limit}", "data.eval_batch_size=5"])
+    built = build_run(cfg)
+    teacher = built.distiller.teachers[0].eval()
+    images, targets = built.data.val.images[:5 * batches], built.data.val.targets[:5 * batches]
+    mean = torch.tensor(built.data.mean).view(1, 3, 1, 1)
+    std = torch.tensor(built.data.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        predicted = teacher((images.float() / 255 - mean) / std).argmax(1)
+    expected = 100 * (predicted == targets).sum().item() / len(targets)
+    cache = tmp_path / "acc.json"
+    score = teacher_scores(cfg, built.data, built.distiller.teachers, cache)[0]
+    assert score.top1 == pytest.approx(expected, abs=1e-9)
+    # a score on part of the split is cached apart from the whole split's
+    whole = build_config(None, [*TINY, f"teacher.checkpoint={teacher_file}", f"output={tmp_path / 'run'}"])
+    assert teacher_scores(whole, built.data, built.distiller.teachers, cache)[0].cached is False
+    assert len(json.loads(cache.read_text())) == 2

@@ -102,6 +102,7 @@ class TrainerConfig:
     channels_last: bool = False  # channels-last memory format for student, method modules and teachers
     progress_bar: bool = True  # show Lightning's progress bar (the per-epoch line is printed either way)
     checkpoint_every_n_steps: int | None = None  # also write last.ckpt every N steps (resume mid-epoch)
+    threads: int = 0  # intra-op CPU threads of the run (0: PyTorch's default, which follows OMP_NUM_THREADS)
 
 
 @dataclass

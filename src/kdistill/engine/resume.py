@@ -38,6 +38,7 @@ RESUME_MAY_CHANGE = (
     "trainer.check_val_every_n_epoch",
     "trainer.limit_val_batches",
     "trainer.accelerator",
+    "trainer.threads",
     "data.num_workers",
     "data.eval_batch_size",
     "data.cache_dir",

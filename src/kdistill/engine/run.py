@@ -189,17 +189,24 @@ def fit(cfg: Config, resume: bool = False, built: Built | None = None, overwrite
     """Train (method ``ce``) or distill as the recipe says; export the final student.
 
     The output folder is claimed first (``engine.rundir``: a new or empty folder, the run's own on
-    ``resume``, the old one moved aside on ``overwrite``) and locked while the run uses it."""
-    if not is_main_process():  # other ranks of a distributed launch write through rank 0
-        return _fit(cfg, resume, built, ensure_writable(cfg.output), None)
-    run = claim(cfg.output, resume=resume, overwrite=overwrite)
+    ``resume``, the old one moved aside on ``overwrite``) and locked while the run uses it.
+    ``trainer.threads`` sets PyTorch's intra-op threads for the run and restores the caller's afterwards."""
+    threads = torch.get_num_threads()
+    if cfg.trainer.threads:  # for this run only; the caller's setting comes back afterwards
+        torch.set_num_threads(cfg.trainer.threads)
     try:
-        return _fit(cfg, resume, built, run.path, run)
-    except ConfigError:
-        run.discard_if_unused()
-        raise
+        if not is_main_process():  # other ranks of a distributed launch write through rank 0
+            return _fit(cfg, resume, built, ensure_writable(cfg.output), None)
+        run = claim(cfg.output, resume=resume, overwrite=overwrite)
+        try:
+            return _fit(cfg, resume, built, run.path, run)
+        except ConfigError:
+            run.discard_if_unused()
+            raise
+        finally:
+            run.release()
     finally:
-        run.release()
+        torch.set_num_threads(threads)
 
 
 def _fit(cfg: Config, resume: bool, built: Built | None, out: Path, run: Any) -> RunResult:
@@ -286,15 +293,18 @@ def _fit(cfg: Config, resume: bool, built: Built | None, out: Path, run: Any) ->
 
 @torch.no_grad()
 def evaluate_model(model: torch.nn.Module, val: ImageTensors | StreamingFolder, mean: list[float], std: list[float],
-                   batch_size: int = 256, device: str | torch.device = "cpu", num_workers: int = 0) -> dict[str, float]:
-    """Top-1/top-5 (%) on ``val`` and inference images/s (batch ``batch_size``)."""
+                   batch_size: int = 256, device: str | torch.device = "cpu", num_workers: int = 0,
+                   max_batches: int | None = None) -> dict[str, float]:
+    """Top-1/top-5 (%) on ``val`` (its first ``max_batches`` batches when given) and inference images/s."""
     from kdistill.data import BatchAugment
 
     aug = BatchAugment(mean, std, padding=0, flip=False).to(device)
     model = model.to(device).eval()
-    correct1 = correct5 = 0
+    correct1 = correct5 = n = 0
     elapsed = 0.0
-    for images, targets, _ in make_loader(val, batch_size, train=False, num_workers=num_workers):
+    for i, (images, targets, _) in enumerate(make_loader(val, batch_size, train=False, num_workers=num_workers)):
+        if max_batches is not None and i >= max_batches:
+            break
         x = aug(images.to(device), train=False)
         t0 = time.perf_counter()
         logits = model(x)
@@ -302,8 +312,19 @@ def evaluate_model(model: torch.nn.Module, val: ImageTensors | StreamingFolder, 
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices.cpu()
         correct1 += (top[:, 0] == targets).sum().item()
         correct5 += (top == targets.view(-1, 1)).any(1).sum().item()
-    n = len(val)
+        n += len(targets)
+    n = max(n, 1)
     return {"top1": 100 * correct1 / n, "top5": 100 * correct5 / n, "images_per_s": n / max(elapsed, 1e-9)}
+
+
+def val_batch_limit(limit: float | None, num_batches: int) -> int | None:
+    """Batches that ``trainer.limit_val_batches`` lets validation read, as Lightning counts them: a whole
+    number is a count, a fraction in (0, 1] a share of ``num_batches`` (at least one); ``None`` means all."""
+    if limit is None or (isinstance(limit, float) and limit == 1.0):
+        return None
+    if isinstance(limit, int) or (isinstance(limit, float) and limit > 1.0):
+        return int(limit)
+    return max(1, int(num_batches * limit))
 
 
 def load_exported(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -52,6 +52,8 @@ def _cache_key(cfg: Config, index: int, data: DataBundle) -> str | None:
     parts = [file_hash(weights), tc.model, json.dumps(tc.kwargs, sort_keys=True), d.name, str(d.root),
              str(d.image_size), str(d.val_size if d.name == "synthetic" else ""), str(d.seed), str(len(data.val)),
              json.dumps([tc.mean or data.mean, tc.std or data.std])]
+    if cfg.trainer.limit_val_batches not in (None, 1.0):  # a score on the first batches only
+        parts += [f"limit_val_batches={cfg.trainer.limit_val_batches}", f"eval_batch_size={d.eval_batch_size}"]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -59,7 +61,7 @@ def teacher_scores(cfg: Config, data: DataBundle, teachers: list[torch.nn.Module
                    cache_file: Path | None = None) -> list[TeacherScore]:
     """Top-1/top-5 (%) of each teacher on the validation split, read from or added to ``cache_file``
     (default ``$KDISTILL_CACHE/teacher_accuracy.json``)."""
-    from kdistill.engine.run import evaluate_model
+    from kdistill.engine.run import evaluate_model, val_batch_limit
 
     cache_file = cache_file or default_cache_dir() / "teacher_accuracy.json"
     try:
@@ -67,6 +69,9 @@ def teacher_scores(cfg: Config, data: DataBundle, teachers: list[torch.nn.Module
     except (OSError, ValueError):
         cache = {}  # a damaged cache is only a lost speed-up
     scores, changed = [], False
+    # the same validation batches as the run's own validation (trainer.limit_val_batches), so a smoke run of
+    # a large teacher does not score the whole split first
+    max_batches = val_batch_limit(cfg.trainer.limit_val_batches, -(-len(data.val) // cfg.data.eval_batch_size))
     for i, (tc, teacher) in enumerate(zip(cfg.teachers, teachers, strict=True)):
         key = _cache_key(cfg, i, data)
         if key is not None and key in cache:
@@ -74,7 +79,7 @@ def teacher_scores(cfg: Config, data: DataBundle, teachers: list[torch.nn.Module
             continue
         was = teacher.training
         m = evaluate_model(teacher, data.val, tc.mean or data.mean, tc.std or data.std, cfg.data.eval_batch_size,
-                           device=next(teacher.parameters()).device)
+                           device=next(teacher.parameters()).device, max_batches=max_batches)
         teacher.train(was)
         scores.append(TeacherScore(tc.model, m["top1"], m["top5"]))
         if key is not None:
