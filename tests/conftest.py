@@ -137,3 +137,37 @@ def make_augment(padding: int = 4) -> BatchAugment:
     from kdistill.data import BatchAugment
 
     return BatchAugment([0.5, 0.4, 0.3], [0.25, 0.2, 0.3], padding=padding, flip=True)
+
+
+def subprocess_env() -> dict[str, str]:
+    """The environment of a ``kdistill`` subprocess in a test: one thread, no warnings on stderr."""
+    return {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+def kdistill_command(argv: list[str], out: Path) -> list[str]:
+    """``python -m kdistill.cli <argv> output=<out>`` with this interpreter."""
+    import sys
+
+    return [sys.executable, "-m", "kdistill.cli", *argv, f"output={out}"]
+
+
+def kill_at_first_checkpoint(argv: list[str], out: Path, timeout: float = 120) -> Path:
+    """Start ``kdistill <argv> output=<out>`` in a subprocess, SIGKILL it as soon as its first
+    ``checkpoints/last.ckpt`` appears, and return that checkpoint's path (the run must not have finished)."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(kdistill_command(argv, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=subprocess_env())
+    last = out / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + timeout
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert last.exists(), f"no checkpoint appeared; exit {proc.poll()}: {proc.stderr.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "student.safetensors").exists(), "the run finished before the kill"
+    return last

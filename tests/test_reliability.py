@@ -9,14 +9,12 @@ import hashlib
 import os
 import pickle
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import kdistill_command, kill_at_first_checkpoint, subprocess_env
 from safetensors.torch import load_file
 
 from kdistill.cli import main
@@ -63,23 +61,12 @@ KILL = ["distill", "model=cifar.resnet8", "method.name=meal_v1", "teacher.model=
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path: Path) -> None:
     # the run killed during its second epoch
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "kdistill.cli", *KILL, f"output={killed}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    last = killed / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 120
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert last.exists(), f"no checkpoint appeared; exit {proc.poll()}: {proc.stderr.read().decode()[-2000:]}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (killed / "student.safetensors").exists(), "the run finished before the kill"
+    last = kill_at_first_checkpoint(KILL, killed)
     assert ckpt_epoch(last) == 0  # the end-of-epoch-1 checkpoint, intact (atomic write)
     assert main(["eval", str(last)]) == 0  # a checkpoint left by a kill still evaluates
 
-    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=env, timeout=180)
+    done = subprocess.run([*kdistill_command(KILL, killed), "--resume"], capture_output=True, text=True,
+                          env=subprocess_env(), timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
 
     # the same recipe without interruption, in this process

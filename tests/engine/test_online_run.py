@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import kdistill_command, kill_at_first_checkpoint, subprocess_env
 from safetensors.torch import load_file
 
 from kdistill.cli import main
@@ -28,19 +27,9 @@ FFSD = ["train", "model=online.peers", "student.kwargs.networks=[cifar.resnet8,c
 
 def test_ffsd_sigkill_then_resume_matches_uninterrupted_run_and_reports_every_network(tmp_path: Path) -> None:
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "kdistill.cli", *FFSD, f"output={killed}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    last = killed / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 120
-    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert last.exists(), f"no checkpoint appeared; exit {proc.poll()}: {proc.stderr.read().decode()[-2000:]}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    proc.stderr.close()
-    assert not (killed / "student.safetensors").exists(), "the run finished before the kill"
-    done = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=env, timeout=180)
+    kill_at_first_checkpoint(FFSD, killed)
+    done = subprocess.run([*kdistill_command(FFSD, killed), "--resume"], capture_output=True, text=True,
+                          env=subprocess_env(), timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
 
     straight = tmp_path / "straight"

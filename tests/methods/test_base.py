@@ -99,3 +99,20 @@ def test_each_teacher_gets_its_own_taps_even_when_the_same_module_is_given_twice
     assert [taps["last"] for taps in d.teacher_taps] == ["layer3", "layer3.1"]
     with pytest.raises(ConfigError, match="built for 2 teachers, the distiller has 1"):
         Distiller(s, [t], m)
+
+
+@pytest.mark.parametrize("method", ["crd", "hkd", "mcl_okd"])
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("num_samples", 1, "{m}: num_samples must be >= 2, got 1"),
+    ("num_negatives", 0, "{m}: num_negatives must be >= 1, got 0"),
+    ("temperature", 0.0, "temperature must be > 0, got 0.0"),
+    ("momentum", 1.0, r"{m}: momentum must be in \[0, 1\), got 1.0"),
+    ("feat_dim", 0, "{m}: feat_dim must be >= 1, got 0"),
+    ("sampling", "slow", "sampling"),
+    ("kd_temperature", -1.0, "kd_temperature must be > 0, got -1.0"),
+])
+def test_memory_bank_methods_check_their_shared_options_alike(method: str, option: str, value: object,
+                                                              message: str) -> None:
+    assert parse_method_options(method, {}).sampling in ("fast", "exact")  # the defaults pass
+    with pytest.raises(ConfigError, match=message.format(m=method)):
+        parse_method_options(method, {option: value})

@@ -99,6 +99,25 @@ def check_choice(name: str, value: str, allowed: Sequence[str]) -> str:
     return value
 
 
+def check_bank_options(method: str, options: Any) -> None:
+    """The options every memory-bank method shares (CRD, HKD, MCL-OKD): ``num_samples`` (``None``: the
+    training set's size), ``num_negatives``, the contrast ``temperature``, the bank ``momentum``,
+    ``feat_dim`` of the embeddings, the negative ``sampling`` mode and the logit ``kd_temperature``."""
+    from kdistill.losses.memory import SAMPLING_MODES
+
+    if options.num_samples is not None and int(options.num_samples) < 2:
+        raise ConfigError(f"{method}: num_samples must be >= 2, got {options.num_samples}")
+    if int(options.num_negatives) < 1:
+        raise ConfigError(f"{method}: num_negatives must be >= 1, got {options.num_negatives}")
+    check_positive("temperature", options.temperature)
+    if not 0 <= options.momentum < 1:
+        raise ConfigError(f"{method}: momentum must be in [0, 1), got {options.momentum}")
+    if int(options.feat_dim) < 1:
+        raise ConfigError(f"{method}: feat_dim must be >= 1, got {options.feat_dim}")
+    check_choice("sampling", options.sampling, SAMPLING_MODES)
+    check_positive("kd_temperature", options.kd_temperature)
+
+
 @dataclass
 class MethodOptions:
     """Base of every method's options: a dataclass whose fields are the options and their defaults.

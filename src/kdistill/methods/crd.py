@@ -21,13 +21,13 @@ from torch import Tensor
 
 from kdistill.features import TappedModel
 from kdistill.losses import CRDLoss, kd_loss
-from kdistill.losses.crd import SAMPLING_MODES
 from kdistill.methods.base import (
     Batch,
     Method,
     MethodOptions,
     ModelOutput,
     StepInfo,
+    check_bank_options,
     check_weight,
     register_method,
 )
@@ -57,20 +57,7 @@ class CRDOptions(MethodOptions):
     kd_temperature: float = 4.0
 
     def check(self) -> None:
-        if self.num_samples is not None and int(self.num_samples) < 2:
-            raise ConfigError(f"crd: num_samples must be >= 2, got {self.num_samples}")
-        if int(self.num_negatives) < 1:
-            raise ConfigError(f"crd: num_negatives must be >= 1, got {self.num_negatives}")
-        if not self.temperature > 0:
-            raise ConfigError(f"crd: temperature must be > 0, got {self.temperature}")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"crd: momentum must be in [0, 1), got {self.momentum}")
-        if int(self.feat_dim) < 1:
-            raise ConfigError(f"crd: feat_dim must be >= 1, got {self.feat_dim}")
-        if self.sampling not in SAMPLING_MODES:
-            raise ConfigError(f"crd: sampling must be one of {list(SAMPLING_MODES)}, got {self.sampling!r}")
-        if not self.kd_temperature > 0:
-            raise ConfigError(f"crd: kd_temperature must be > 0, got {self.kd_temperature}")
+        check_bank_options("crd", self)
         for name in ("ce_weight", "crd_weight", "kd_weight"):
             check_weight(name, getattr(self, name))
 

@@ -19,15 +19,13 @@ from torch import Tensor
 from kdistill.features import TappedModel
 from kdistill.losses import ContrastSampler, GraphConv1Hop, MemoryBank, hkd_losses, kd_loss, knn_graph
 from kdistill.losses.crd import Embed
-from kdistill.losses.memory import SAMPLING_MODES
 from kdistill.methods.base import (
     Batch,
     Method,
     MethodOptions,
     ModelOutput,
     StepInfo,
-    check_choice,
-    check_positive,
+    check_bank_options,
     check_weight,
     register_method,
 )
@@ -54,21 +52,11 @@ class HKDOptions(MethodOptions):
     kd_temperature: float = 4.0
 
     def check(self) -> None:
-        if self.num_samples is not None and int(self.num_samples) < 2:
-            raise ConfigError(f"hkd: num_samples must be >= 2, got {self.num_samples}")
-        if int(self.num_negatives) < 1:
-            raise ConfigError(f"hkd: num_negatives must be >= 1, got {self.num_negatives}")
+        check_bank_options("hkd", self)
         if int(self.neighbours) < 1:
             raise ConfigError(f"hkd: neighbours must be >= 1, got {self.neighbours}")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"hkd: momentum must be in [0, 1), got {self.momentum}")
         if not 0 <= self.mix <= 1:
             raise ConfigError(f"hkd: mix must be in [0, 1], got {self.mix}")
-        if int(self.feat_dim) < 1:
-            raise ConfigError(f"hkd: feat_dim must be >= 1, got {self.feat_dim}")
-        check_positive("temperature", self.temperature)
-        check_positive("kd_temperature", self.kd_temperature)
-        check_choice("sampling", self.sampling, SAMPLING_MODES)
         for name in ("ce_weight", "hkd_weight", "kd_weight"):
             check_weight(name, getattr(self, name))
 

@@ -23,7 +23,6 @@ from kdistill.features import TappedModel
 from kdistill.losses import ContrastSampler, MemoryBank, kd_loss, mcl_losses, mcl_okd_nce
 from kdistill.losses._common import upcast
 from kdistill.losses.crd import Embed
-from kdistill.losses.memory import SAMPLING_MODES
 from kdistill.methods._cohort import member_groups, require_cohort
 from kdistill.methods.base import (
     Batch,
@@ -31,7 +30,7 @@ from kdistill.methods.base import (
     MethodOptions,
     ModelOutput,
     StepInfo,
-    check_choice,
+    check_bank_options,
     check_positive,
     check_weight,
     register_method,
@@ -141,17 +140,7 @@ class MCLOKDOptions(MethodOptions):
     nce_weight: float = 0.025
 
     def check(self) -> None:
-        if self.num_samples is not None and int(self.num_samples) < 2:
-            raise ConfigError(f"mcl_okd: num_samples must be >= 2, got {self.num_samples}")
-        if int(self.num_negatives) < 1:
-            raise ConfigError(f"mcl_okd: num_negatives must be >= 1, got {self.num_negatives}")
-        check_positive("temperature", self.temperature)
-        check_positive("kd_temperature", self.kd_temperature)
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"mcl_okd: momentum must be in [0, 1), got {self.momentum}")
-        if int(self.feat_dim) < 1:
-            raise ConfigError(f"mcl_okd: feat_dim must be >= 1, got {self.feat_dim}")
-        check_choice("sampling", self.sampling, SAMPLING_MODES)
+        check_bank_options("mcl_okd", self)
         for name in ("ce_weight", "dot_weight", "nce_weight"):
             check_weight(name, getattr(self, name))
 
