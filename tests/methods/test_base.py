@@ -116,3 +116,28 @@ def test_memory_bank_methods_check_their_shared_options_alike(method: str, optio
     assert parse_method_options(method, {}).sampling in ("fast", "exact")  # the defaults pass
     with pytest.raises(ConfigError, match=message.format(m=method)):
         parse_method_options(method, {option: value})
+
+
+@pytest.mark.parametrize(("method", "labels", "expected"), [
+    ("crd", None, 9),                                   # every other sample of 10
+    ("crd", [0, 0, 0, 0, 1, 1, 2, 2, 2, 3], 9),         # CRD's cap ignores the classes
+    ("hkd", [0, 0, 0, 0, 1, 1, 2, 2, 2, 3], 6),         # outside the largest class (4 samples)
+    ("mcl_okd", [0, 0, 0, 0, 1, 1, 2, 2, 2, 3], 6),
+    ("hkd", None, 9),                                   # labels unknown: every other sample
+])
+def test_memory_bank_negatives_are_capped_at_the_candidates(method: str, labels: list[int] | None,
+                                                             expected: int) -> None:
+    facts = RunFacts(input_size=(3, 16, 16), num_samples=10,
+                     train_targets=None if labels is None else torch.tensor(labels))
+    if method == "mcl_okd":
+        student = kdistill.create_model("online.branch_resnet", num_classes=4, depth=8, num_branches=2)
+        teachers = []
+    else:
+        student = kdistill.create_model("cifar.resnet8", num_classes=4)
+        teachers = [kdistill.create_model("cifar.resnet8", num_classes=4)]
+    with pytest.warns(UserWarning, match=f"{method}: num_negatives=50 exceeds the {expected} candidates; using {expected}"):
+        m = build_method(method, student=student, teachers=teachers, facts=facts, num_negatives=50)
+    assert m.bank_rows_and_negatives(other_classes=method != "crd") == (10, expected)
+    with pytest.raises(ConfigError, match="needs num_samples"):
+        m.facts = RunFacts(input_size=(3, 16, 16))
+        m.bank_rows_and_negatives(other_classes=False)

@@ -20,6 +20,7 @@ from a source (live pass or cache) and drives the optimizers.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -249,6 +250,27 @@ class Method(nn.Module):
                 f"{self.name} pairs stages one to one, but the student has {self.student_features} and the teacher "
                 f"{self.teacher_features}; give matching student_taps/teacher_taps"
             )
+
+    def bank_rows_and_negatives(self, other_classes: bool) -> tuple[int, int]:
+        """Memory-bank methods (CRD, HKD, MCL-OKD): the bank's rows (``options.num_samples``, else the run's
+        training-set size) and the negatives per anchor (``options.num_negatives``), capped with a warning at
+        the candidates: every other sample, or with ``other_classes`` and the training labels known, the
+        samples outside the largest class."""
+        o = self.options
+        rows = o.num_samples if o.num_samples is not None else self.facts.num_samples  # type: ignore[attr-defined]
+        if rows is None:
+            raise ConfigError(f"{self.name} needs num_samples, the training-set size (its memory bank has one row "
+                              "per sample); the kdistill engine fills it from the data set")
+        rows = int(rows)
+        if rows < 2:
+            raise ConfigError(f"{self.name}: num_samples must be >= 2, got {rows}")
+        labels = self.facts.train_targets
+        pool = rows - 1 if labels is None or not other_classes else rows - int(torch.bincount(labels).max())
+        k = int(o.num_negatives)  # type: ignore[attr-defined]
+        if k > pool:
+            warnings.warn(f"{self.name}: num_negatives={k} exceeds the {pool} candidates; using {pool}", stacklevel=3)
+            k = pool
+        return rows, k
 
     def probe(self, net: TappedModel, keys: Sequence[str], preact: bool = False) -> dict[str, torch.Size]:
         """Shapes of ``keys`` on ``net`` from a dry run (to size adapters and fusion modules)."""

@@ -11,7 +11,6 @@ loop, pass ``num_samples`` (an option) or ``facts`` and the indices yourself.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -73,22 +72,7 @@ class CRD(Method):
     def build(self, student: TappedModel, teachers: list[TappedModel]) -> None:
         self.require_one_teacher()
         o = self.options
-        num_samples = o.num_samples if o.num_samples is not None else self.facts.num_samples
-        if num_samples is None:
-            raise ConfigError(
-                f"{self.name} needs num_samples, the training-set size (its memory bank has one row per "
-                "sample); the kdistill engine fills it from the data set"
-            )
-        if int(num_samples) < 2:
-            raise ConfigError(f"{self.name}: num_samples must be >= 2, got {num_samples}")
-        num_negatives = int(o.num_negatives)
-        if num_negatives > int(num_samples) - 1:
-            warnings.warn(
-                f"{self.name}: num_negatives={num_negatives} exceeds the {int(num_samples) - 1} other samples "
-                f"of the training set; using {int(num_samples) - 1}",
-                stacklevel=2,
-            )
-            num_negatives = int(num_samples) - 1
+        num_samples, num_negatives = self.bank_rows_and_negatives(other_classes=False)
         self.ce_weight = float(o.ce_weight)
         self.crd_weight = float(o.crd_weight)
         self.kd_weight = float(o.kd_weight)

@@ -8,11 +8,9 @@ convolution over each network's kNN graph of the batch (docs/online.md).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -72,15 +70,8 @@ class HKD(Method):
     def build(self, student: TappedModel, teachers: list[TappedModel]) -> None:
         self.require_one_teacher()
         o = self.options
-        num_samples = o.num_samples if o.num_samples is not None else self.facts.num_samples
-        if num_samples is None:
-            raise ConfigError(f"{self.name} needs num_samples, the training-set size (one memory row per sample)")
+        num_samples, k = self.bank_rows_and_negatives(other_classes=True)
         labels = self.facts.train_targets
-        pool = int(num_samples) - 1 if labels is None else int(num_samples) - int(torch.bincount(labels).max())
-        k = int(o.num_negatives)
-        if k > pool:
-            warnings.warn(f"{self.name}: num_negatives={k} exceeds the {pool} candidates; using {pool}", stacklevel=2)
-            k = pool
         self.student_features = ["pooled"]
         self.teacher_features = ["pooled"]
         s_dim = self.probe(student, ["pooled"])["pooled"].numel()

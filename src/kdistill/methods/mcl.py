@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -158,15 +157,8 @@ class MCLOKD(Method):
         o = self.options
         cohort = require_cohort(self.name, student, trunk=True)
         self.cohort = [cohort]
-        num_samples = o.num_samples if o.num_samples is not None else self.facts.num_samples
-        if num_samples is None:
-            raise ConfigError(f"{self.name} needs num_samples, the training-set size (one memory row per sample)")
-        k = int(o.num_negatives)
+        num_samples, k = self.bank_rows_and_negatives(other_classes=True)
         labels = self.facts.train_targets
-        pool = int(num_samples) - 1 if labels is None else int(num_samples) - int(torch.bincount(labels).max())
-        if k > pool:
-            warnings.warn(f"{self.name}: num_negatives={k} exceeds the {pool} candidates; using {pool}", stacklevel=2)
-            k = pool
         self.logit_keys = [f"{n}/logits" for n in cohort.names]
         self.pooled_keys = [f"{n}/pooled" for n in cohort.names]
         self.student_features = [*self.logit_keys, *self.pooled_keys]
