@@ -329,8 +329,7 @@ def fit_detection(cfg: DetectionConfig, resume: bool = False, overwrite: bool = 
     The output folder is claimed as for classification (``engine.rundir``): a new run needs a new or
     empty folder (``overwrite`` moves an old one aside, never deletes it), ``resume`` continues the run
     found there, and the folder is locked while the run uses it."""
-    from kdistill.engine.run import ensure_writable
-    from kdistill.engine.rundir import claim, is_main_process
+    from kdistill.engine.rundir import claim, ensure_writable, is_main_process
 
     if not is_main_process():  # other ranks of a distributed launch write through rank 0
         return _fit_detection(cfg, resume, ensure_writable(cfg.output), None)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import time
@@ -27,7 +26,7 @@ from kdistill.engine.compile import compile_distiller, use_compile_cache
 from kdistill.engine.datamodule import TensorDataModule
 from kdistill.engine.module import DistillModule
 from kdistill.engine.resume import AppendingCSVLogger, RecordConfig, plan_resume
-from kdistill.engine.rundir import claim, is_main_process, take_ownership
+from kdistill.engine.rundir import claim, ensure_writable, is_main_process, take_ownership
 from kdistill.engine.signals import RunInterrupted, StopOnSignal
 from kdistill.files import atomic_write, atomic_write_json
 from kdistill.models import create_model
@@ -59,19 +58,6 @@ def peak_memory_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def ensure_writable(folder: str | Path) -> Path:
-    """Create ``folder`` and prove it is writable before any training starts."""
-    path = Path(folder)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as exc:
-        raise ConfigError(f"output folder {str(path)!r} cannot be written: {exc.strerror or exc}") from exc
-    return path
 
 
 def card_for(cfg: Config, data: DataBundle, metrics: dict[str, Any]) -> dict[str, Any]:

@@ -141,14 +141,17 @@ def _aside_name(folder: Path) -> Path:
     return candidate
 
 
-def _mkdir(folder: Path) -> None:
+def ensure_writable(folder: str | Path) -> Path:
+    """Create ``folder`` and prove it is writable before any training starts."""
+    path = Path(folder)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as exc:
-        raise ConfigError(f"output folder {str(folder)!r} cannot be written: {exc.strerror or exc}") from exc
+        raise ConfigError(f"output folder {str(path)!r} cannot be written: {exc.strerror or exc}") from exc
+    return path
 
 
 def claim(output: str | Path, resume: bool = False, overwrite: bool = False) -> RunFolder:
@@ -189,7 +192,7 @@ def claim(output: str | Path, resume: bool = False, overwrite: bool = False) -> 
         log.warning("moved the previous contents of %s to %s", folder, replaced)
         print(f"moved the previous contents of {folder} to {replaced}")
     created = not folder.exists()
-    _mkdir(folder)
+    ensure_writable(folder)
     fd = _lock(folder)
     if _contents(folder):  # another run got here first
         os.close(fd)
