@@ -45,6 +45,13 @@ def unpack_tiny100(cache: Path) -> Path:
     return target
 
 
+def shown_path(path: Path | str, var: str = "CACHE") -> str:
+    """``path`` for a results file, with the folder named by the environment variable ``var`` (when set)
+    written as ``$var``."""
+    root = os.environ.get(var)
+    return str(path).replace(root.rstrip("/"), f"${var}") if root else str(path)
+
+
 def shown_command(argv: list[str], program: str = "kdistill") -> str:
     """``argv`` as a shell command for a results file, with this machine's paths made portable: the
     data cache (``$KDISTILL_CACHE`` or ``~/.cache/kdistill``) becomes ``$KDISTILL_CACHE``, and paths inside

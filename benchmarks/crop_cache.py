@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import shown_path
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -86,15 +88,11 @@ def main() -> None:
             kdistill("distill", *common, *extra, f"output={out}")
         rows[name] = json.loads((out / "metrics.json").read_text())
 
-    def shown(path: Path) -> str:
-        root = os.environ.get("CACHE")
-        return str(path).replace(root.rstrip("/"), "$CACHE") if root else str(path)
-
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     lines = [
         "# Distilling from the crop cache against the live teacher",
         "",
-        f"Command: `python benchmarks/crop_cache.py --folder {shown(args.folder)} --cache {shown(args.cache)} "
+        f"Command: `python benchmarks/crop_cache.py --folder {shown_path(args.folder)} --cache {shown_path(args.cache)} "
         f"--images {args.images} --classes {args.classes} --views {args.views} --size {args.size} --steps {args.steps} "
         f"--teacher {args.teacher} --student {args.student}`",
         "",

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import shown_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,18 +105,14 @@ def main() -> None:
     folder = StreamingFolder(files, tf, True, seed=0)
     rows["image folder (streamed)"] = measure(make_loader(folder, args.batch_size, True, num_workers=args.workers),
                                               args.batches)
-    def shown(path: Path) -> str:
-        cache = os.environ.get("CACHE")
-        return str(path).replace(cache.rstrip("/"), "$CACHE") if cache else str(path)
-
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     lines = [
         "# Shards: packing, and reading them against streaming the folder",
         "",
-        f"Command: `python benchmarks/shards.py --folder {shown(args.folder)} --cache {shown(args.cache)} --size {args.size} "
+        f"Command: `python benchmarks/shards.py --folder {shown_path(args.folder)} --cache {shown_path(args.cache)} --size {args.size} "
         f"--batch-size {args.batch_size} --batches {args.batches} --workers {args.workers}`",
         "",
-        f"The folder: `python benchmarks/photo_folders.py photos --count 5000 --out {shown(args.folder)}` (real photos "
+        f"The folder: `python benchmarks/photo_folders.py photos --count 5000 --out {shown_path(args.folder)}` (real photos "
         "at ordinary sizes); `$CACHE` is a cache folder outside the repository.",
         "",
         f"Machine: {os.cpu_count()} cores, no GPU; load while measuring: `{load}` (other work shared the machine).",

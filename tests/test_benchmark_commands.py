@@ -40,3 +40,11 @@ def test_a_quoted_cache_path_stays_expandable_by_the_shell(common, tmp_path: Pat
                          env={"KDISTILL_CACHE": "/c"}).stdout
     assert out == "data.root=/c/my data\n"
     assert shlex.split(shown.replace("$KDISTILL_CACHE", "/c"))[2] == "data.root=/c/my data"
+
+
+def test_shown_path_names_the_folder_by_its_variable(common, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CACHE", "/data/cache/")
+    assert common.shown_path("/data/cache/photos/train") == "$CACHE/photos/train"
+    assert common.shown_path("/elsewhere/photos") == "/elsewhere/photos"
+    monkeypatch.delenv("CACHE")
+    assert common.shown_path("/data/cache/photos") == "/data/cache/photos"
