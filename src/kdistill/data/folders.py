@@ -36,22 +36,29 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("KDISTILL_CACHE", Path.home() / ".cache" / "kdistill"))
 
 
-def _list_split(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+def _list_split(split_dir: Path, classes: list[str] | None = None) -> tuple[list[str], list[tuple[Path, int]]]:
+    """The class folders of ``split_dir`` and its ``(image path, label)`` pairs; with ``classes`` (the train
+    split's), a split whose class folders differ is a ConfigError naming the differences."""
     if not split_dir.is_dir():
         raise ConfigError(f"image folder split {str(split_dir)!r} does not exist")
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
-    if not classes:
+    names = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    if not names:
         raise ConfigError(f"{str(split_dir)!r} has no class sub-folders (expected <split>/<class>/<image>)")
+    if classes is not None and names != classes:
+        raise ConfigError(
+            f"{str(split_dir)!r} has classes that differ from the train split's "
+            f"(only here: {sorted(set(names) - set(classes))[:5]}, missing: {sorted(set(classes) - set(names))[:5]})"
+        )
     files: list[tuple[Path, int]] = []
     empty = []
-    for label, name in enumerate(classes):
+    for label, name in enumerate(names):
         found = sorted(p for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not found:
             empty.append(name)
         files += [(p, label) for p in found]
     if empty:
         raise ConfigError(f"{str(split_dir)!r}: class folders without images: {empty[:10]}")
-    return classes, files
+    return names, files
 
 
 def _fingerprint(files: list[tuple[Path, int]], image_size: int | None, decoder: str = "pil",
@@ -97,13 +104,7 @@ def load_image_folder(
     if on_bad_image not in ("skip", "error"):
         raise ConfigError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
     split_dir = Path(split_dir)
-    found_classes, files = _list_split(split_dir)
-    if classes is not None and found_classes != classes:
-        raise ConfigError(
-            f"{str(split_dir)!r} has classes that differ from the train split's "
-            f"(only here: {sorted(set(found_classes) - set(classes))[:5]}, "
-            f"missing: {sorted(set(classes) - set(found_classes))[:5]})"
-        )
+    found_classes, files = _list_split(split_dir, classes)
     cache = Path(cache_dir or default_cache_dir()) / "folders"
     key = _fingerprint(files, image_size, decoder, on_bad_image)
     cached = cache / f"{split_dir.name}-{key}.safetensors"

@@ -95,12 +95,7 @@ def scan_folder(
     if on_bad_image not in ("skip", "error"):
         raise ConfigError(f"on_bad_image must be 'skip' or 'error', got {on_bad_image!r}")
     split_dir = Path(split_dir)
-    found, files = _list_split(split_dir)
-    if classes is not None and found != classes:
-        raise ConfigError(
-            f"{str(split_dir)!r} has classes that differ from the train split's "
-            f"(only here: {sorted(set(found) - set(classes))[:5]}, missing: {sorted(set(classes) - set(found))[:5]})"
-        )
+    found, files = _list_split(split_dir, classes)
     cache = Path(cache_dir or default_cache_dir()) / "listings"
     cached = cache / f"{split_dir.name}-{_listing_key(files)}.json"
     if cached.is_file():
