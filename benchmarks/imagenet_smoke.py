@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT
+from common import ROOT, shown_path
 
 BUDGET = ["data.batch_size=2", "data.eval_batch_size=4", "data.num_workers=2", "data.in_memory=false",
           "trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
@@ -73,8 +73,7 @@ def child_cpu_seconds() -> float:
 
 def shown(text: str) -> str:
     """``text`` with this machine's cache folder written as ``$KDISTILL_CACHE`` (when that variable is set)."""
-    cache = os.environ.get("KDISTILL_CACHE")
-    return text.replace(cache.rstrip("/"), "$KDISTILL_CACHE") if cache else text
+    return shown_path(text, "KDISTILL_CACHE")
 
 
 def main() -> None:
@@ -119,7 +118,7 @@ def main() -> None:
                       "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "weights_files": [c for _, c in files],
                       "teachers_without_file": missing_teacher_files, "command": shown("kdistill " + shlex.join(argv)),
                       "epochs": metrics.get("epochs"), "train_images_per_s": metrics.get("train_images_per_s"),
-                      "tail": (proc.stdout + proc.stderr).strip().splitlines()[-3:]}
+                      "tail": [shown(line) for line in (proc.stdout + proc.stderr).strip().splitlines()[-3:]]}
         print(name, rows[name]["returncode"], f"{seconds:.0f}s", flush=True)
         out.with_suffix(".json").write_text(json.dumps({"rows": rows}, indent=1))
     lines = ["# The ImageNet recipes, a few steps each on a generated ImageNet-layout folder", "",
